@@ -1,0 +1,53 @@
+"""Print the final table and write `results.json` beside the logs, so scripts never parse text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+RANDOM_WEIGHTS_NOTE = (
+    "NOTE: this model has random weights (a tiny test preset); its IoU measures nothing about "
+    "pruning quality. Use a released checkpoint for meaningful numbers."
+)
+
+
+def format_results_table(rows: list[dict]) -> str:
+    header = f"{'pruner':<22}{'budget':>8}{'cIoU':>10}{'gIoU':>10}{'samples':>10}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        budget = "all" if row["num_tokens"] is None else str(row["num_tokens"])
+        lines.append(
+            f"{row['pruner']:<22}{budget:>8}{100 * row['ciou']:>10.2f}{100 * row['giou']:>10.2f}{row['num_samples']:>10d}"
+        )
+    return "\n".join(lines)
+
+
+class EvaluationReport(L.Callback):
+    """After validate/test: a results table on stdout and the same numbers as JSON in the run folder."""
+
+    def __init__(self, filename: str = "results.json") -> None:
+        self.filename = filename
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module)
+
+    @rank_zero_only
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = getattr(pl_module, "last_results", None)
+        if not results or trainer.sanity_checking:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.filename
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print()
+        print(format_results_table([results]))
+        if results.get("random_weights"):
+            print(RANDOM_WEIGHTS_NOTE)
+        print(f"results written to {path}")

@@ -1,0 +1,108 @@
+"""The LightningModule: run the pruned frozen LVLM on a batch and update the IoU metrics. Nothing else."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from litelvlm.engine.metrics import ReferringIoU
+from litelvlm.models.batch import GroundingBatch, GroundingOutput
+from litelvlm.models.loading import load_lvlm
+from litelvlm.pruners.base import TokenPruner
+from litelvlm.pruners.simple import NoPruning
+
+
+class ReferringSegmentationModule(L.LightningModule):
+    """Evaluate a pruning strategy on a frozen pixel-grounding LVLM.
+
+    Args:
+        checkpoint: a model preset with random weights (`tiny-glamm`) or a released checkpoint.
+        pruner: the pruning strategy and its budget (None: no pruning).
+        dtype: weights' dtype, `float32`, `bfloat16` or `float16`.
+        seg_prompt_position: `before` (reference: the state just before each [SEG] prompts SAM) or `at`.
+        seed: seeds the random weights of a preset; the same seed gives the same model everywhere.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str = "tiny-glamm",
+        pruner: TokenPruner | None = None,
+        dtype: str = "float32",
+        seg_prompt_position: str = "before",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["pruner"])
+        self.pruner = pruner if pruner is not None else NoPruning()
+        self.lvlm = load_lvlm(checkpoint, dtype=dtype, seed=seed, seg_prompt_position=seg_prompt_position)
+        self.lvlm.requires_grad_(False).eval()
+        self.pruner.budget(self.lvlm.num_patches)  # fail now, with a clear message, on a budget out of range
+        self.val_iou = ReferringIoU()
+        self.test_iou = ReferringIoU()
+        self.last_results: dict | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(getattr(self.lvlm, "random_weights", False))
+
+    def forward(self, batch: GroundingBatch) -> GroundingOutput:
+        return self.lvlm(batch, self.pruner)
+
+    def on_validation_start(self) -> None:
+        self._log_pruner_hparams()
+
+    def on_test_start(self) -> None:
+        self._log_pruner_hparams()
+
+    def validation_step(self, batch: GroundingBatch, batch_idx: int) -> GroundingOutput:
+        return self._evaluate(batch, self.val_iou, "val")
+
+    def test_step(self, batch: GroundingBatch, batch_idx: int) -> GroundingOutput:
+        return self._evaluate(batch, self.test_iou, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish(self.val_iou, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish(self.test_iou, "test")
+
+    def _evaluate(self, batch: GroundingBatch, metric: ReferringIoU, stage: str) -> GroundingOutput:
+        output = self(batch)
+        for logits, target in zip(output.mask_logits, batch.gt_masks):
+            metric.update(logits > 0, target)
+        self.log(
+            f"{stage}/visual_tokens",
+            float(output.num_visual_tokens),
+            batch_size=batch.batch_size,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
+        return output
+
+    def _finish(self, metric: ReferringIoU, stage: str) -> None:
+        values = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/ciou", values["ciou"].float(), sync_dist=False)
+        self.log(f"{stage}/giou", values["giou"].float(), sync_dist=False)
+        self.log(f"{stage}/num_masks", values["num_masks"].float(), sync_dist=False)
+        self.last_results = {
+            "stage": stage,
+            **self.pruner.hparams(),
+            "ciou": float(values["ciou"]),
+            "giou": float(values["giou"]),
+            "num_samples": int(values["num_masks"]),
+            "checkpoint": self.hparams.checkpoint,
+            "random_weights": self.random_weights,
+        }
+
+    def _log_pruner_hparams(self) -> None:
+        if self.logger is not None:
+            self.logger.log_hyperparams({**self.hparams, **self.pruner.hparams()})
+
+    def configure_optimizers(self):  # evaluation only in this module; fine-tuning has its own
+        return None
+
+    @torch.no_grad()
+    def predict_step(self, batch: GroundingBatch, batch_idx: int) -> GroundingOutput:
+        return self(batch)

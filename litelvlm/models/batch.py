@@ -1,0 +1,49 @@
+"""What flows between the data module and the model, and what the model hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class GroundingBatch:
+    """A collated batch of images, each with T_b referring sentences and one prompt.
+
+    The prompt holds the image sentinel (-200) once; its assistant turns already contain [SEG]
+    (teacher forcing, one forward, as the reference evaluations do).
+    """
+
+    clip_pixel_values: Tensor  # [B, 3, S, S] CLIP branch
+    sam_pixel_values: Tensor  # [B, 3, 1024, 1024] SAM branch, padded
+    sam_resized_sizes: Tensor  # [B, 2] (h, w) of the image inside the padded SAM input
+    original_sizes: Tensor  # [B, 2] (H, W)
+    input_ids: Tensor  # [B, L] right-padded, IMAGE_TOKEN_INDEX at the image
+    attention_mask: Tensor  # [B, L] 1 for real tokens (the sentinel included)
+    questions: list[list[str]]  # per sample, the question string of each round (CLIP text input)
+    expressions: list[list[str]]  # per sample, the bare referring expressions
+    gt_masks: list[Tensor]  # per sample, bool [T_b, H, W]
+    sample_ids: Tensor  # [B] data-set index of each sample: stable across batches and ranks
+    image_ids: list[str] = field(default_factory=list)
+    sentence_ids: list[list[str]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class GroundingOutput:
+    """The model's answer for one batch: mask logits and a record of what the LLM saw."""
+
+    mask_logits: list[Tensor]  # per sample, float [T_b, H, W] at the original size; > 0 is foreground
+    kept_indices: Tensor | None  # [B, R] kept patch indices in the order fed to the LLM (pre-LLM pruners)
+    visual_tokens_per_layer: list[int]  # visual tokens each decoder layer ran on (per sample)
+    sequence_length_per_layer: list[int]  # padded sequence length each decoder layer ran on
+    seg_hidden_states: Tensor | None = None  # [M, h] final-norm states that prompt SAM, M = sum T_b
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens in the LLM's last layer: what the pruned model finally reasons over."""
+        return self.visual_tokens_per_layer[-1]

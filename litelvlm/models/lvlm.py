@@ -1,0 +1,499 @@
+"""The frozen pixel-grounding LVLM (GLaMM / LISA architecture), composed from transformers parts.
+
+Read top to bottom, `forward` is the whole model:
+CLIP vision (+ only the signals the pruner declared) -> pruner.select -> projector -> splice into
+the prompt -> decoder loop (an in-LLM pruner may shorten the sequence) -> final norm -> states just
+before each [SEG] -> [SEG] projection -> SAM prompt encoder + mask decoder -> masks at image size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    LlamaConfig,
+    LlamaForCausalLM,
+    SamConfig,
+    SamMaskDecoderConfig,
+    SamModel,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+)
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from litelvlm.models.batch import GroundingBatch, GroundingOutput
+from litelvlm.models.config import LVLMConfig
+from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
+
+IMAGE_TOKEN_INDEX = -200
+
+
+def clip_vision_config(config: LVLMConfig) -> CLIPVisionConfig:
+    v = config.vision
+    return CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        projection_dim=v.projection_dim,
+        hidden_act="quick_gelu",
+    )
+
+
+def clip_text_config(config: LVLMConfig, bos_id: int, eos_id: int, pad_id: int) -> CLIPTextConfig:
+    t = config.text
+    return CLIPTextConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        max_position_embeddings=t.max_length,
+        projection_dim=config.vision.projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+
+
+def llama_config(config: LVLMConfig) -> LlamaConfig:
+    m = config.llm
+    llama = LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads or m.num_heads,
+        rms_norm_eps=m.rms_norm_eps,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=False,
+    )
+    llama._attn_implementation = "sdpa"
+    return llama
+
+
+def sam_config(config: LVLMConfig) -> SamConfig:
+    s = config.sam
+    vision = SamVisionConfig(
+        hidden_size=s.hidden_size,
+        output_channels=s.prompt_dim,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        image_size=s.image_size,
+        patch_size=s.patch_size,
+        window_size=s.window_size,
+        global_attn_indexes=list(s.global_attn_indexes),
+        mlp_dim=s.mlp_dim,
+        num_pos_feats=s.prompt_dim // 2,
+    )
+    prompt = SamPromptEncoderConfig(hidden_size=s.prompt_dim, image_size=s.image_size, patch_size=s.patch_size)
+    decoder = SamMaskDecoderConfig(
+        hidden_size=s.prompt_dim,
+        mlp_dim=s.mask_decoder_mlp_dim,
+        num_hidden_layers=s.mask_decoder_layers,
+        num_attention_heads=s.mask_decoder_heads,
+        iou_head_hidden_dim=s.iou_head_hidden_dim,
+    )
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    raise ValueError(f"unknown projector '{kind}' (expected 'linear' or 'mlp2x_gelu')")
+
+
+class PixelGroundingLVLM(nn.Module):
+    """CLIP + MLP projector + LLaMA + [SEG] projection + SAM, frozen, with pruning hooks.
+
+    Args:
+        config: the architecture.
+        seg_token_id: id of [SEG] in the LLM tokenizer (read from the tokenizer files, never fixed).
+        clip_text_ids: (bos, eos, pad) of the CLIP text tokenizer; None builds no text tower.
+        seg_prompt_position: `before` (the references: the state of the token just before each
+            [SEG] prompts SAM) or `at` (research option: the [SEG] token's own state).
+    """
+
+    def __init__(
+        self,
+        config: LVLMConfig,
+        seg_token_id: int,
+        clip_text_ids: tuple[int, int, int] | None = None,
+        seg_prompt_position: str = "before",
+    ) -> None:
+        super().__init__()
+        if seg_prompt_position not in ("before", "at"):
+            raise ValueError(f"seg_prompt_position must be 'before' or 'at', got {seg_prompt_position!r}")
+        self.config = config
+        self.seg_token_id = seg_token_id
+        self.seg_prompt_position = seg_prompt_position
+        self.vision_tower = CLIPVisionModelWithProjection(clip_vision_config(config))
+        self.text_tower = (
+            CLIPTextModelWithProjection(clip_text_config(config, *clip_text_ids)) if clip_text_ids else None
+        )
+        self.mm_projector = build_projector(config.projector, config.vision.hidden_size, config.llm.hidden_size)
+        self.llm = LlamaForCausalLM(llama_config(config))
+        h = config.llm.hidden_size
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.sam.prompt_dim))
+        self.sam = SamModel(sam_config(config))
+        self.clip_tokenizer = None  # set by the loader; tokenises questions for the text tower
+
+    # ------------------------------------------------------------------ vision
+    @property
+    def num_patches(self) -> int:
+        return self.config.num_patches
+
+    def _select_hidden_index(self) -> int:
+        """Index into CLIP's hidden-state tuple (embeddings first) of the features the LLM gets."""
+        num_layers = len(self.vision_tower.vision_model.encoder.layers)
+        index = self.config.select_layer % (num_layers + 1)
+        if index == 0:
+            raise ValueError("select_layer must pick the output of an encoder layer, not the embeddings")
+        return index
+
+    def encode_image(self, pixel_values: Tensor, needs: frozenset[Signal]) -> tuple[Tensor, VisualSignals]:
+        """Run the CLIP vision tower as far as needed; return patch features and the asked-for signals.
+
+        The layer loop stops at the select layer unless the pruner asks for the last layer's q/k/v,
+        whose inputs are then the hidden states that layer receives; nothing runs twice.
+        """
+        vision = self.vision_tower.vision_model
+        layers = vision.encoder.layers
+        num_layers = len(layers)
+        select_index = self._select_hidden_index()
+        attention_layer = self.config.select_layer % num_layers  # the reference's `attentions[select_layer]`
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(self.vision_tower.dtype)))
+        signals = VisualSignals(grid=self.config.grid, num_patches=self.num_patches, batch_size=hidden.shape[0])
+
+        cls_attention_capture: dict[str, Tensor] = {}
+        for index in range(select_index):
+            layer = layers[index]
+            if index == attention_layer and Signal.CLS_ATTENTION in needs:
+                with _capture_outputs({"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj}) as captured:
+                    hidden = layer(hidden, None)
+                cls_attention_capture = dict(captured)
+            else:
+                hidden = layer(hidden, None)
+        features_with_cls = hidden
+        patch_features = features_with_cls[:, 1:]
+
+        if Signal.LAST_QKV in needs:
+            for index in range(select_index, num_layers - 1):
+                hidden = layers[index](hidden, None)
+            last = layers[num_layers - 1]
+            normed = last.layer_norm1(hidden)
+            signals.last_qkv = (last.self_attn.q_proj(normed), last.self_attn.k_proj(normed), last.self_attn.v_proj(normed))
+        if Signal.CLS_ATTENTION in needs:
+            signals.cls_attention = _cls_attention(
+                cls_attention_capture["q"], cls_attention_capture["k"], self.config.vision.num_heads
+            )
+        if Signal.PATCH_FEATURES in needs:
+            signals.patch_features = patch_features
+        if Signal.PATCH_EMBEDS in needs:
+            signals.patch_embeds = self.project_patches(patch_features)
+        return patch_features, signals
+
+    def project_patches(self, patch_features: Tensor) -> Tensor:
+        """CLIP's post_layernorm + visual_projection on patch features, in float32 (method.md)."""
+        norm = self.vision_tower.vision_model.post_layernorm
+        normed = F.layer_norm(
+            patch_features.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
+        )
+        return F.linear(normed, self.vision_tower.visual_projection.weight.float())
+
+    def encode_text(self, texts: list[list[str]]) -> tuple[Tensor, Tensor]:
+        """Projected CLIP text embeddings [B, T, P] (float32) and the real-slot mask [B, T]."""
+        if self.text_tower is None or self.clip_tokenizer is None:
+            raise PrunerError("this pruner needs CLIP text embeddings, but the model has no CLIP text tower")
+        from litelvlm.models.tokenizer import tokenize_questions
+
+        device = self.text_tower.device
+        input_ids, attention_mask, text_mask = tokenize_questions(
+            self.clip_tokenizer, texts, max_length=self.config.text.max_length
+        )
+        b, t, length = input_ids.shape
+        out = self.text_tower(
+            input_ids=input_ids.view(b * t, length).to(device), attention_mask=attention_mask.view(b * t, length).to(device)
+        )
+        return out.text_embeds.float().view(b, t, -1), text_mask.to(device)
+
+    # ------------------------------------------------------------------ prompt
+    def splice_visual_tokens(
+        self, batch: GroundingBatch, visual_embeds: Tensor, kept: Tensor, position_mode: str
+    ) -> dict[str, Tensor]:
+        """Replace each prompt's image sentinel with its R visual embeddings.
+
+        Returns the decoder inputs: embeddings [B, L-1+R, h], key mask, position ids (contiguous,
+        or `original`: the positions the tokens had in the unpruned sequence), the mask of the
+        positions whose final state prompts SAM, and the sequence index of every visual token.
+        """
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        b, length = input_ids.shape
+        r = visual_embeds.shape[1]
+        n = self.num_patches
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        if not bool((is_image.sum(1) == 1).all()):
+            raise ValueError("every prompt must contain the image placeholder exactly once")
+        image_pos = is_image.int().argmax(1)  # [B]
+        text_embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
+        prompt_positions = self._seg_prompt_positions(input_ids)
+
+        device = input_ids.device
+        new_len = length - 1 + r
+        seq = torch.arange(new_len, device=device).expand(b, new_len)
+        offset = seq - image_pos[:, None]  # position relative to the first visual token
+        in_image = (offset >= 0) & (offset < r)
+        # index of each new position's source token in the old sequence (visual slots point at the sentinel)
+        source = torch.where(offset < 0, seq, torch.where(in_image, image_pos[:, None], seq - r + 1))
+        embeds = torch.gather(text_embeds, 1, source[..., None].expand(-1, -1, text_embeds.shape[-1])).clone()
+        visual_index = offset.clamp(0, r - 1)
+        visual_embeds = visual_embeds.to(embeds.dtype)
+        embeds[in_image] = torch.gather(visual_embeds, 1, visual_index[..., None].expand(-1, -1, embeds.shape[-1]))[
+            in_image
+        ]
+        key_mask = torch.gather(attention_mask, 1, source)
+        seg_mask = torch.gather(prompt_positions, 1, source) & ~in_image
+        if position_mode == "contiguous":
+            position_ids = seq.clone()
+        else:
+            kept_patch = torch.gather(kept.to(device), 1, visual_index)
+            position_ids = torch.where(
+                offset < 0, seq, torch.where(in_image, image_pos[:, None] + kept_patch, seq - r + n)
+            )
+        visual_positions = image_pos[:, None] + torch.arange(r, device=device)
+        return {
+            "embeds": embeds,
+            "key_mask": key_mask,
+            "position_ids": position_ids,
+            "seg_mask": seg_mask,
+            "visual_positions": visual_positions,
+        }
+
+    def _seg_prompt_positions(self, input_ids: Tensor) -> Tensor:
+        """Positions whose final hidden state prompts SAM: just before each [SEG] (the references)."""
+        is_seg = input_ids == self.seg_token_id
+        if self.seg_prompt_position == "at":
+            return is_seg
+        before = torch.zeros_like(is_seg)
+        before[:, :-1] = is_seg[:, 1:]
+        return before
+
+    # ------------------------------------------------------------------ decoder
+    def run_decoder(self, inputs: dict[str, Tensor], pruner: TokenPruner) -> tuple[Tensor, dict]:
+        """The LLaMA decoder, one layer at a time, so that an in-LLM pruner can act between layers."""
+        decoder = self.llm.model
+        state = dict(inputs)
+        prune_layer = pruner.prune_layer if pruner.acts_in_llm else None
+        if prune_layer is not None and not 1 <= prune_layer < len(decoder.layers):
+            raise PrunerError(
+                f"{pruner.name}: layer K={prune_layer} must be in [1, {len(decoder.layers) - 1}] for this LLM"
+            )
+        attention_mask = create_causal_mask(decoder.config, state["embeds"], state["key_mask"], cache=None)
+        position_embeddings = decoder.rotary_emb(state["embeds"], position_ids=state["position_ids"])
+        hidden = state.pop("embeds")
+        visual_counts, lengths = [], []
+        last_token_attention = None
+        for index, layer in enumerate(decoder.layers):
+            if index == prune_layer:
+                kept = pruner.select_in_llm(last_token_attention)
+                _check_kept(kept, state["visual_positions"].shape[1], pruner)
+                hidden, state = self._drop_visual_tokens(hidden, state, kept, getattr(pruner, "mode", "inplace"))
+                attention_mask = create_causal_mask(decoder.config, hidden, state["key_mask"], cache=None)
+                position_embeddings = decoder.rotary_emb(hidden, position_ids=state["position_ids"])
+            if index == (prune_layer or 0) - 1:
+                last_token_attention = self._last_token_attention(
+                    layer, hidden, position_embeddings, state["key_mask"], state["visual_positions"]
+                )
+            visual_counts.append(state["visual_positions"].shape[1])
+            lengths.append(hidden.shape[1])
+            hidden = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_ids=state["position_ids"],
+                position_embeddings=position_embeddings,
+            )
+        hidden = decoder.norm(hidden)
+        return hidden, {"seg_mask": state["seg_mask"], "visual_counts": visual_counts, "lengths": lengths}
+
+    @staticmethod
+    def _drop_visual_tokens(hidden: Tensor, state: dict, kept: Tensor, mode: str) -> tuple[Tensor, dict]:
+        """Apply an in-LLM selection: remove the other visual tokens (`inplace`) or hide them (`mask`).
+
+        `inplace` gathers every per-token tensor, positions included, so each kept token keeps its
+        original position id and order (the FastV reference) and [SEG] prompt positions move with
+        their tokens. `mask` leaves the sequence as it is and masks the dropped tokens as keys.
+        """
+        visual_positions = state["visual_positions"]
+        b, n_visual = visual_positions.shape
+        kept = torch.sort(kept, dim=1).values
+        keep_visual = torch.zeros(b, n_visual, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
+        dropped_positions = visual_positions[~keep_visual].view(b, n_visual - kept.shape[1])
+        kept_positions = torch.gather(visual_positions, 1, kept)
+        state = dict(state)
+        if mode == "mask":
+            state["key_mask"] = state["key_mask"].clone().scatter_(1, dropped_positions, 0)
+            state["visual_positions"] = kept_positions
+            return hidden, state
+        if mode != "inplace":
+            raise PrunerError(f"unknown in-LLM pruning mode {mode!r} (expected 'inplace' or 'mask')")
+        keep = torch.ones_like(state["key_mask"], dtype=torch.bool).scatter_(1, dropped_positions, False)
+        order = keep.nonzero()[:, 1].view(b, -1)  # row-major, so ascending within each row
+        hidden = torch.gather(hidden, 1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+        for name in ("key_mask", "position_ids", "seg_mask"):
+            state[name] = torch.gather(state[name], 1, order)
+        state["visual_positions"] = torch.searchsorted(order, kept_positions)
+        return hidden, state
+
+    @staticmethod
+    def _last_token_attention(
+        layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], key_mask: Tensor, visual_positions: Tensor
+    ) -> Tensor:
+        """Head-averaged attention of each sample's last real token over the visual positions, at `layer`.
+
+        Computed from the layer's own q/k projections for one query row, so the LLM keeps its fast
+        attention kernel and no full attention map is materialised.
+        """
+        attn = layer.self_attn
+        b = hidden.shape[0]
+        normed = layer.input_layernorm(hidden)
+        last = (key_mask.long() * torch.arange(key_mask.shape[1], device=key_mask.device)).argmax(1)  # [B]
+        rows = torch.arange(b, device=hidden.device)
+        head_dim = attn.head_dim
+        query = attn.q_proj(normed[rows, last][:, None]).view(b, 1, -1, head_dim).transpose(1, 2)
+        key = attn.k_proj(normed).view(b, hidden.shape[1], -1, head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, _ = apply_rotary_pos_emb(query, query, cos[rows, last][:, None], sin[rows, last][:, None])
+        _, key = apply_rotary_pos_emb(key, key, cos, sin)
+        key = repeat_kv(key, attn.num_key_value_groups)
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, L]
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).mean(1)[:, 0]  # [B, L]
+        return torch.gather(probs, 1, visual_positions)
+
+    # ------------------------------------------------------------------ SAM
+    def decode_masks(self, batch: GroundingBatch, seg_embeddings: list[Tensor]) -> list[Tensor]:
+        """SAM prompted by each [SEG] embedding (sparse) and no-mask (dense), one mask per prompt."""
+        sam = self.sam
+        image_embeddings = sam.vision_encoder(batch.sam_pixel_values.to(sam.dtype))[0]
+        positional = sam.get_image_wide_positional_embeddings()
+        _, channels, height, width = image_embeddings.shape
+        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)
+        size = self.config.sam.image_size
+        masks = []
+        for index, prompts in enumerate(seg_embeddings):
+            low_res, _ = sam.mask_decoder(
+                image_embeddings=image_embeddings[index : index + 1],
+                image_positional_embeddings=positional,
+                sparse_prompt_embeddings=prompts.to(sam.dtype)[None, :, None, :],
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            resized_h, resized_w = (int(v) for v in batch.sam_resized_sizes[index])
+            original_h, original_w = (int(v) for v in batch.original_sizes[index])
+            logits = F.interpolate(low_res[0].float(), (size, size), mode="bilinear", align_corners=False)
+            logits = logits[..., :resized_h, :resized_w]
+            logits = F.interpolate(logits, (original_h, original_w), mode="bilinear", align_corners=False)
+            masks.append(logits[:, 0])
+        return masks
+
+    # ------------------------------------------------------------------ forward
+    def required_signals(self, pruner: TokenPruner) -> frozenset[Signal]:
+        return frozenset(pruner.required_signals)
+
+    def forward(self, batch: GroundingBatch, pruner: TokenPruner) -> GroundingOutput:
+        needs = self.required_signals(pruner)
+        patch_features, signals = self.encode_image(batch.clip_pixel_values, needs)
+        signals.sample_ids = batch.sample_ids
+        if Signal.TEXT_EMBEDS in needs:
+            texts = batch.expressions if getattr(pruner, "text_source", "question") == "expression" else batch.questions
+            signals.text_embeds, signals.text_mask = self.encode_text(texts)
+
+        n = self.num_patches
+        if pruner.acts_in_llm:
+            kept = torch.arange(n, device=patch_features.device).expand(patch_features.shape[0], n)
+        else:
+            kept = pruner.select(signals).to(patch_features.device)
+            _check_kept(kept, n, pruner)
+            if pruner.kept_order == "raster":
+                kept = torch.sort(kept, dim=1).values
+        selected = torch.gather(patch_features, 1, kept[..., None].expand(-1, -1, patch_features.shape[-1]))
+        visual_embeds = self.mm_projector(selected)
+
+        inputs = self.splice_visual_tokens(batch, visual_embeds, kept, pruner.position_ids)
+        hidden, trace = self.run_decoder(inputs, pruner)
+
+        seg_mask = trace["seg_mask"]
+        seg_states = hidden[seg_mask]  # row-major: sample by sample, in prompt order
+        counts = seg_mask.sum(1).tolist()
+        expected = [m.shape[0] for m in batch.gt_masks]
+        if counts != expected:
+            raise ValueError(f"prompts hold {counts} [SEG] tokens per sample but the batch has {expected} masks")
+        seg_embeddings = self.text_hidden_fcs(seg_states).split(counts)
+        mask_logits = self.decode_masks(batch, list(seg_embeddings))
+        return GroundingOutput(
+            mask_logits=mask_logits,
+            kept_indices=None if pruner.acts_in_llm else kept,
+            visual_tokens_per_layer=trace["visual_counts"],
+            sequence_length_per_layer=trace["lengths"],
+            seg_hidden_states=seg_states,
+        )
+
+
+def _check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:
+    """A pruner's answer must be R distinct in-range indices per sample; anything else is a bug."""
+    if kept.dim() != 2 or kept.dtype not in (torch.int64, torch.int32):
+        raise PrunerError(f"{pruner.name} must return a LongTensor [B, R], got {tuple(kept.shape)} {kept.dtype}")
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n):
+        raise PrunerError(f"{pruner.name} returned indices outside [0, {n})")
+    sorted_kept = torch.sort(kept, dim=1).values
+    if kept.shape[1] > 1 and bool((sorted_kept[:, 1:] == sorted_kept[:, :-1]).any()):
+        raise PrunerError(f"{pruner.name} returned a repeated index")
+
+
+def _cls_attention(query: Tensor, key: Tensor, num_heads: int) -> Tensor:
+    """Attention probabilities of the CLS query over the patches, per head: [B, H, N]."""
+    b, length, width = key.shape
+    head_dim = width // num_heads
+    q = query[:, :1].reshape(b, 1, num_heads, head_dim).transpose(1, 2).float()
+    k = key.reshape(b, length, num_heads, head_dim).transpose(1, 2).float()
+    probs = ((q @ k.transpose(-1, -2)) / math.sqrt(head_dim)).softmax(-1)  # [B, H, 1, N+1]
+    return probs[:, :, 0, 1:]
+
+
+class _capture_outputs:
+    """Context manager: record the outputs of some modules during one forward, via hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.outputs: dict[str, Tensor] = {}
+        self.handles = []
+
+    def __enter__(self) -> dict[str, Tensor]:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self.outputs
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()

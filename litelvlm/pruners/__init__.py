@@ -1,0 +1,37 @@
+"""Visual-token pruning strategies on one base class, buildable by name."""
+
+from litelvlm.pruners.base import (
+    MissingSignalError,
+    PrunerError,
+    Signal,
+    TokenPruner,
+    VisualSignals,
+    top_k_indices,
+)
+from litelvlm.pruners.registry import build_pruner, class_path_of, list_pruners, register_pruner, resolve_pruner_class
+from litelvlm.pruners.simple import NoPruning, RandomPruner
+from litelvlm.pruners.fastv import FastV
+from litelvlm.pruners.litelvlm import ContextOnly, LiteLVLM, ReversedSimilarity, SimilarityOnly
+from litelvlm.pruners.vispruner import VisPruner
+
+__all__ = [
+    "ContextOnly",
+    "FastV",
+    "LiteLVLM",
+    "MissingSignalError",
+    "NoPruning",
+    "PrunerError",
+    "RandomPruner",
+    "ReversedSimilarity",
+    "Signal",
+    "SimilarityOnly",
+    "TokenPruner",
+    "VisPruner",
+    "VisualSignals",
+    "build_pruner",
+    "class_path_of",
+    "list_pruners",
+    "register_pruner",
+    "resolve_pruner_class",
+    "top_k_indices",
+]

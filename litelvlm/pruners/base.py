@@ -1,0 +1,160 @@
+"""The pruning interface: what a pruner may ask the model for, and the two places it can act.
+
+A pruner declares the signals it needs (`required_signals`); the model computes exactly those and
+nothing else. Pre-LLM pruners implement `select(signals)` and return kept patch indices. In-LLM
+pruners set `prune_layer = K` and implement `select_in_llm(attention)`: the model calls it between
+decoder layers K-1 and K and does the dropping (or masking) itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from litelvlm.errors import LitelvlmError
+
+
+class Signal(str, enum.Enum):
+    """The inputs a pruner can ask for; each is computed only when some pruner declares it."""
+
+    PATCH_FEATURES = "patch_features"
+    PATCH_EMBEDS = "patch_embeds"
+    TEXT_EMBEDS = "text_embeds"
+    CLS_ATTENTION = "cls_attention"
+    LAST_QKV = "last_qkv"
+    LLM_ATTENTION = "llm_attention"
+
+
+class PrunerError(LitelvlmError):
+    """A pruner was configured or called with something it cannot work with."""
+
+
+class MissingSignalError(PrunerError):
+    """A pruner needed a signal that the model did not compute."""
+
+
+@dataclass
+class VisualSignals:
+    """What the model hands a pre-LLM pruner. Every tensor field is None unless a pruner asked for it.
+
+    Shapes: B samples, N patches, D CLIP width, P CLIP projection width, T question slots, H heads.
+    """
+
+    patch_features: Tensor | None = None  # [B, N, D] select-layer patch features, before the projector
+    patch_embeds: Tensor | None = None  # [B, N, P] post_layernorm + visual_projection, float32
+    text_embeds: Tensor | None = None  # [B, T, P] projected CLIP text embeddings of the questions
+    cls_attention: Tensor | None = None  # [B, H, N] select-layer CLS attention over the patches
+    last_qkv: tuple[Tensor, Tensor, Tensor] | None = None  # each [B, N+1, D], CLS first
+    text_mask: Tensor | None = None  # [B, T] bool: which text slots hold a real question
+    grid: tuple[int, int] | None = None  # patch grid (h, w)
+    num_patches: int | None = None  # N, known even when no tensor was asked for
+    batch_size: int | None = None
+    sample_ids: Tensor | None = None  # [B] stable id of each sample (its data-set index)
+
+    def require(self, signal: Signal | str):
+        """Return a signal's tensor, or raise an error that names the missing signal."""
+        signal = Signal(signal)
+        value = getattr(self, signal.value)
+        if value is None:
+            raise MissingSignalError(
+                f"signal '{signal.value}' was not computed; the pruner must list "
+                f"Signal.{signal.name} in its required_signals"
+            )
+        return value
+
+
+KeptOrder = Literal["reference", "raster"]
+PositionIds = Literal["contiguous", "original"]
+
+
+class TokenPruner(nn.Module):
+    """Base class of every pruning strategy.
+
+    Args:
+        num_tokens: R, the number of visual tokens the LLM keeps (None: keep all).
+        kept_order: `reference` keeps the order the method's reference implementation feeds the
+            LLM; `raster` sorts the kept tokens by patch index. Applied by the model.
+        position_ids: `contiguous` renumbers the spliced sequence 0..L-1 (LLaVA's behaviour);
+            `original` gives each kept visual token the position it had in the unpruned sequence
+            (and the text after the image keeps its unpruned positions). Applied by the model.
+    """
+
+    short_name: ClassVar[str] = ""
+    # Pre-LLM pruners leave this None; in-LLM pruners set the layer index K they act before.
+    prune_layer: int | None = None
+
+    def __init__(
+        self,
+        num_tokens: int | None = None,
+        kept_order: KeptOrder = "reference",
+        position_ids: PositionIds = "contiguous",
+    ) -> None:
+        super().__init__()
+        if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)):
+            raise PrunerError(f"num_tokens must be an integer or None, got {num_tokens!r}")
+        if num_tokens is not None and num_tokens < 1:
+            raise PrunerError(f"num_tokens must be >= 1, got {num_tokens}")
+        if kept_order not in ("reference", "raster"):
+            raise PrunerError(f"kept_order must be 'reference' or 'raster', got {kept_order!r}")
+        if position_ids not in ("contiguous", "original"):
+            raise PrunerError(f"position_ids must be 'contiguous' or 'original', got {position_ids!r}")
+        self.num_tokens = num_tokens
+        self.kept_order = kept_order
+        self.position_ids = position_ids
+
+    @property
+    def required_signals(self) -> frozenset[Signal]:
+        """The signals `select` reads. Subclasses override; instance-level so knobs can change it."""
+        return frozenset()
+
+    @property
+    def name(self) -> str:
+        return self.short_name or type(self).__name__
+
+    @property
+    def acts_in_llm(self) -> bool:
+        return self.prune_layer is not None
+
+    def budget(self, num_patches: int) -> int:
+        """R for N patches, checked: 1 <= R <= N (None keeps all N)."""
+        if self.num_tokens is None:
+            return num_patches
+        if self.num_tokens > num_patches:
+            raise PrunerError(
+                f"{self.name}: num_tokens={self.num_tokens} is larger than the {num_patches} visual "
+                "tokens this model produces"
+            )
+        return self.num_tokens
+
+    def select(self, signals: VisualSignals) -> Tensor:
+        """Pre-LLM selection: kept patch indices LongTensor[B, R], in the method's reference order."""
+        raise NotImplementedError(f"{type(self).__name__} does not select before the LLM")
+
+    def select_in_llm(self, attention: Tensor) -> Tensor:
+        """In-LLM selection between layers K-1 and K.
+
+        `attention` is [B, N]: layer K-1's head-averaged attention of the last token over the visual
+        positions. Returns kept visual-token indices LongTensor[B, R].
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not act inside the LLM")
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, kept_order={self.kept_order}, position_ids={self.position_ids}"
+
+    def hparams(self) -> dict:
+        """Flat description for logs and results files."""
+        return {"pruner": self.name, "num_tokens": self.num_tokens}
+
+
+def top_k_indices(scores: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Indices of the k largest (or smallest) scores along the last dim, best first, ties by index.
+
+    `torch.topk` does not promise an order among equal scores; a stable sort does, which keeps
+    selections reproducible across devices.
+    """
+    order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
+    return order[..., :k]

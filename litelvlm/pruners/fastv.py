@@ -1,0 +1,54 @@
+"""FastV (ECCV 2024): drop visual tokens inside the LLM by the last token's attention at layer K-1."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, top_k_indices
+from litelvlm.pruners.registry import register_pruner
+
+FastVMode = Literal["inplace", "mask"]
+
+
+@register_pruner("fastv")
+class FastV(TokenPruner):
+    """FastV: layers 0..K-1 see every visual token; layers K.. see the top-R by attention.
+
+    The model computes layer K-1's head-averaged attention of the last token over the visual
+    positions and calls `select_in_llm`; it then removes (`inplace`) or masks (`mask`) the rest.
+    In both modes kept tokens stay in their original order with their original position ids, as
+    the reference does, so `kept_order`/`position_ids` are fixed to `raster`/`original`.
+
+    Args:
+        num_tokens: R, visual tokens kept from layer K on.
+        layer: K >= 1, the first decoder layer that runs on the kept tokens (reference default 2).
+        mode: `inplace` drops tokens (the real speed-up); `mask` only masks them out of attention.
+    """
+
+    def __init__(self, num_tokens: int = 192, layer: int = 2, mode: FastVMode = "inplace") -> None:
+        super().__init__(num_tokens=num_tokens, kept_order="raster", position_ids="original")
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+            raise PrunerError(f"layer must be an integer >= 1 (FastV needs one full layer's attention), got {layer!r}")
+        if mode not in ("inplace", "mask"):
+            raise PrunerError(f"mode must be 'inplace' or 'mask', got {mode!r}")
+        self.prune_layer = layer
+        self.mode = mode
+
+    @property
+    def required_signals(self) -> frozenset[Signal]:
+        return frozenset({Signal.LLM_ATTENTION})
+
+    def select_in_llm(self, attention: Tensor) -> Tensor:
+        """Top-R visual positions by `attention` [B, N], returned ascending as [B, R]."""
+        if attention.dim() != 2:
+            raise PrunerError(f"FastV expects attention of shape [B, N], got {tuple(attention.shape)}")
+        budget = self.budget(attention.shape[-1])
+        return top_k_indices(attention.float(), budget, largest=True).sort(dim=-1).values
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, layer={self.prune_layer}, mode={self.mode}"
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "layer": self.prune_layer, "mode": self.mode}
