@@ -5,8 +5,10 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from litelvlm.data.refcoco_parquet import ReferringImageDataset
+from litelvlm.errors import DataError
+from litelvlm.data.records import PROTOCOLS
 from litelvlm.data.sampler import UnpaddedDistributedSampler
+from litelvlm.data.sources import open_referring_dataset
 from litelvlm.data.synthetic import ensure_demo_data
 
 
@@ -21,43 +23,66 @@ class ProcessedDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        return self.processor(self.samples[index])
+        sample = self.samples[index]
+        if sample is None:  # skip mode: the data set recorded why, in this (worker) process
+            reasons = [item.as_dict() for item in self.samples.skipped if item.index == index]
+            return {"skipped": reasons[-1] if reasons else {"index": index, "reason": "skipped"}}
+        return self.processor(sample)
 
 
 class ReferringDataModule(L.LightningDataModule):
-    """Evaluation data in the `lmms-lab/RefCOCO` parquet schema.
+    """A referring-segmentation split, in the original RefCOCO-family layout or the parquet schema.
 
     Args:
-        data_dir: a folder of parquet files, a hub id, or None for the synthetic demo set
-            (generated once into the cache).
+        data_dir: a folder holding `Refer_Segm/` (original layout), a folder of parquet files
+            (`lmms-lab/RefCOCO` schema), a hub id, or None for the synthetic demo set (generated
+            once into the cache).
+        dataset: refcoco, refcoco+, refcocog or grefcoco, for the original layout.
         split: the split evaluated by `validate` and `test`.
+        split_by: the refs file variant (unc, umd, google); default per data set.
+        protocol: `glamm` (per image, up to `max_sentences` seeded sentences in one multi-round
+            prompt), `per-sentence` (LISA: one sentence per forward) or `all-sentences` (every
+            sentence, in prompts of up to `max_sentences` rounds).
         checkpoint: the model the batches are for (linked from `model.checkpoint` by the CLI).
-        batch_size: images per batch (each with up to `max_sentences` sentences).
-        max_sentences: sentences sampled per image (GLaMM protocol: 3; None: all).
+        batch_size: prompts per batch.
+        max_sentences: sentences per prompt (GLaMM: 3; None: all).
         seed: seeds sentence sampling and prompt templates; the same seed, the same prompts.
+        on_error: `raise` (default) stops at a bad sample naming it; `skip` leaves it out and the
+            run's results list every skipped sample.
     """
 
     def __init__(
         self,
         data_dir: str | None = None,
+        dataset: str | None = None,
         split: str = "val",
+        split_by: str | None = None,
+        protocol: str = "glamm",
         checkpoint: str = "tiny-glamm",
         batch_size: int = 2,
         num_workers: int = 0,
         max_sentences: int | None = 3,
         seed: int = 0,
+        on_error: str = "raise",
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if protocol not in PROTOCOLS:
+            raise DataError(f"unknown evaluation protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         self.data_dir = data_dir
+        self.dataset_name = dataset
         self.split = split
+        self.split_by = split_by
+        self.protocol = protocol
+        self.on_error = on_error
         self.checkpoint = checkpoint
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.max_sentences = max_sentences
         self.seed = seed
         self.dataset: Dataset | None = None
+        self.samples = None
         self.processor = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -67,7 +92,17 @@ class ReferringDataModule(L.LightningDataModule):
         from litelvlm.models.processor import GroundingProcessor
 
         source = self.data_dir if self.data_dir is not None else ensure_demo_data()
-        samples = ReferringImageDataset(source, split=self.split, max_sentences=self.max_sentences, seed=self.seed)
+        samples = open_referring_dataset(
+            source,
+            dataset=self.dataset_name,
+            split=self.split,
+            split_by=self.split_by,
+            max_sentences=self.max_sentences,
+            seed=self.seed,
+            on_error=self.on_error,
+            protocol=self.protocol,
+        )
+        self.samples = samples
         assets = load_assets(self.checkpoint)
         self.processor = GroundingProcessor(assets.config, assets.llm_tokenizer, seed=self.seed)
         self.dataset = ProcessedDataset(samples, self.processor)
@@ -88,6 +123,11 @@ class ReferringDataModule(L.LightningDataModule):
             collate_fn=self.processor.collate,
             persistent_workers=self.num_workers > 0,
         )
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Samples left out in skip mode (found while indexing); load-time skips are counted by the module."""
+        return [] if self.samples is None else [item.as_dict() for item in self.samples.skipped]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()

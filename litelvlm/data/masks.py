@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from litelvlm.errors import DataError
 from litelvlm.data.samples import Segmentation
 
 
-class MalformedSegmentationError(ValueError):
+class MalformedSegmentationError(DataError):
     """A segmentation is neither a valid polygon (list) nor a valid RLE (dict)."""
 
 

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import random
 import re
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from litelvlm.data.masks import MalformedSegmentationError, ref_mask
-from litelvlm.data.samples import ReferringImageRecord, ReferringRef, ReferringSample
+from litelvlm.errors import DataError
+from litelvlm.data.records import ReferringRecordDataset, choose_sentences  # noqa: F401  (public here too)
+from litelvlm.data.samples import ReferringImageRecord, ReferringRef
 
 PARQUET_COLUMNS = ("question_id", "image", "question", "answer", "segmentation", "bbox", "iscrowd", "file_name")
 REQUIRED_COLUMNS = ("question_id", "image", "answer", "segmentation")
@@ -43,7 +41,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _IMAGE_STEM = re.compile(r"^(?P<image>.+_\d{12})(?:_\d+)?$")
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(DataError):
     """A row's image cannot be read or decoded."""
 
 
@@ -91,7 +89,7 @@ def load_refcoco_rows(source: str | Path, split: str = "val", cache_dir: str | N
         )
     missing = [column for column in REQUIRED_COLUMNS if column not in rows.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{source} (split {split!r}) lacks the columns {missing} of the lmms-lab/RefCOCO schema; "
             f"it has {rows.column_names}"
         )
@@ -143,19 +141,7 @@ def group_rows_by_image(rows) -> list[ReferringImageRecord]:
     return [record for record in records.values() if record.num_sentences > 0]
 
 
-def choose_sentences(num_sentences: int, max_sentences: int | None, seed: int, index: int) -> list[int]:
-    """Which pooled sentences sample `index` evaluates: up to `max_sentences`, without replacement.
-
-    GLaMM's evaluation draws them with an unseeded `random.sample`; here the draw is seeded from
-    (seed, index), so every process and every run picks the same ones. None keeps all, in order.
-    """
-    if max_sentences is None:
-        return list(range(num_sentences))
-    rng = random.Random(f"litelvlm-sentences:{seed}:{index}")  # str seeds hash stably (sha512)
-    return rng.sample(range(num_sentences), min(num_sentences, max_sentences))
-
-
-class ReferringImageDataset(torch.utils.data.Dataset):
+class ReferringImageDataset(ReferringRecordDataset):
     """Item i: image i of the split with up to `max_sentences` of its pooled sentences and their masks.
 
     Images and masks are decoded on access, so building the data set only reads metadata.
@@ -168,19 +154,17 @@ class ReferringImageDataset(torch.utils.data.Dataset):
         max_sentences: int | None = 3,
         seed: int = 0,
         cache_dir: str | None = None,
+        protocol: str = "glamm",
     ):
-        if max_sentences is not None and max_sentences < 1:
-            raise ValueError(f"max_sentences must be >= 1 or None (all sentences), got {max_sentences}")
+        super().__init__(max_sentences=max_sentences, seed=seed, protocol=protocol)
         self.source = source
         self.split = split
-        self.max_sentences = max_sentences
-        self.seed = seed
         rows = load_refcoco_rows(source, split, cache_dir=cache_dir)
         self.records = group_rows_by_image(rows)
         self._images = rows.select_columns(["image"])
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def describe(self) -> str:
+        return f"{self.source} split {self.split!r}"
 
     def load_image(self, record: ReferringImageRecord) -> Image.Image:
         """Decode a record's image to RGB, naming the row and file when that fails."""
@@ -200,29 +184,3 @@ class ReferringImageDataset(torch.utils.data.Dataset):
                 return image.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise CorruptImageError(f"{where}: the image cannot be decoded ({error})") from error
-
-    def __getitem__(self, index: int) -> ReferringSample:
-        record = self.records[index]
-        image = self.load_image(record)
-        width, height = image.size
-        pool = record.pooled_sentences()
-        chosen = [pool[position] for position in choose_sentences(len(pool), self.max_sentences, self.seed, index)]
-        masks_by_ref: dict[int, np.ndarray] = {}
-        for _, _, ref_index in chosen:
-            if ref_index not in masks_by_ref:
-                ref = record.refs[ref_index]
-                try:
-                    masks_by_ref[ref_index] = ref_mask(ref.segmentations, height, width)
-                except MalformedSegmentationError as error:
-                    raise MalformedSegmentationError(
-                        f"ref {ref.ref_id} of image {record.image_id} ({self.source} split {self.split!r}): {error}"
-                    ) from error
-        return ReferringSample(
-            index=index,
-            image_id=record.image_id,
-            image=image,
-            sentences=[sentence for sentence, _, _ in chosen],
-            sentence_ids=[sentence_id for _, sentence_id, _ in chosen],
-            masks=np.stack([masks_by_ref[ref_index] for _, _, ref_index in chosen]),
-            ref_ids=[record.refs[ref_index].ref_id for _, _, ref_index in chosen],
-        )

@@ -13,6 +13,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from litelvlm.errors import DataError
+
 # A COCO segmentation: a flat polygon [x0, y0, x1, y1, ...], a list of such polygons, or an RLE
 # dict {"size": [h, w], "counts": str | bytes | list[int]}.
 Segmentation = Union[list[float], list[list[float]], dict[str, Any]]
@@ -38,7 +40,7 @@ class ReferringRef:
 
     def __post_init__(self):
         if len(self.sentences) != len(self.sentence_ids):
-            raise ValueError(
+            raise DataError(
                 f"ref {self.ref_id!r}: {len(self.sentences)} sentences but {len(self.sentence_ids)} sentence ids"
             )
 
@@ -84,19 +86,19 @@ class ReferringSample:
     def __post_init__(self):
         num_sentences = len(self.sentences)
         if len(self.sentence_ids) != num_sentences:
-            raise ValueError(
+            raise DataError(
                 f"sample {self.index} (image {self.image_id}): {num_sentences} sentences "
                 f"but {len(self.sentence_ids)} sentence ids"
             )
         if self.ref_ids and len(self.ref_ids) != num_sentences:
-            raise ValueError(
+            raise DataError(
                 f"sample {self.index} (image {self.image_id}): {num_sentences} sentences "
                 f"but {len(self.ref_ids)} ref ids"
             )
         width, height = self.image.size
         expected_shape = (num_sentences, height, width)
         if self.masks.dtype != np.bool_ or self.masks.shape != expected_shape:
-            raise ValueError(
+            raise DataError(
                 f"sample {self.index} (image {self.image_id}): masks must be bool {expected_shape} "
                 f"(one per sentence, at the image size), got {self.masks.dtype} {self.masks.shape}"
             )

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from litelvlm.errors import DataError
+
 DEMO_DATA_NAME = "synthetic_refcoco_v1"
 DEMO_SPLITS = (("val", 0), ("test", 1))  # (split, seed) written by ensure_demo_data
 DEMO_NUM_IMAGES = 24
@@ -269,7 +271,7 @@ def synthetic_image(seed: int, image_index: int) -> tuple[bytes, list[SyntheticS
 def generate_synthetic_refcoco(out_dir: str | Path, num_images: int = 24, seed: int = 0, split: str = "val") -> Path:
     """Write `out_dir/data/<split>-00000-of-00001.parquet` (the hub layout) and return `out_dir`."""
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+        raise DataError(f"num_images must be >= 1, got {num_images}")
     columns = {name: [] for name in PARQUET_SCHEMA.names}
     for image_index in range(num_images):
         image_bytes, shapes, sentences = synthetic_image(seed, image_index)

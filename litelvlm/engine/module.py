@@ -32,14 +32,19 @@ class ReferringSegmentationModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["pruner"])
         self.pruner = pruner if pruner is not None else NoPruning()
+        # The pruner is logged by name and knobs; TensorBoard keeps only the first hparams record.
+        self.save_hyperparameters(
+            {"checkpoint": checkpoint, "dtype": dtype, "seg_prompt_position": seg_prompt_position, "seed": seed}
+            | self.pruner.hparams()
+        )
         self.lvlm = load_lvlm(checkpoint, dtype=dtype, seed=seed, seg_prompt_position=seg_prompt_position)
         self.lvlm.requires_grad_(False).eval()
         self.pruner.budget(self.lvlm.num_patches)  # fail now, with a clear message, on a budget out of range
         self.val_iou = ReferringIoU()
         self.test_iou = ReferringIoU()
         self.last_results: dict | None = None
+        self._skipped: list[dict] = []
 
     @property
     def random_weights(self) -> bool:
@@ -48,16 +53,10 @@ class ReferringSegmentationModule(L.LightningModule):
     def forward(self, batch: GroundingBatch) -> GroundingOutput:
         return self.lvlm(batch, self.pruner)
 
-    def on_validation_start(self) -> None:
-        self._log_pruner_hparams()
-
-    def on_test_start(self) -> None:
-        self._log_pruner_hparams()
-
-    def validation_step(self, batch: GroundingBatch, batch_idx: int) -> GroundingOutput:
+    def validation_step(self, batch: GroundingBatch | list[dict], batch_idx: int) -> GroundingOutput | None:
         return self._evaluate(batch, self.val_iou, "val")
 
-    def test_step(self, batch: GroundingBatch, batch_idx: int) -> GroundingOutput:
+    def test_step(self, batch: GroundingBatch | list[dict], batch_idx: int) -> GroundingOutput | None:
         return self._evaluate(batch, self.test_iou, "test")
 
     def on_validation_epoch_end(self) -> None:
@@ -66,7 +65,11 @@ class ReferringSegmentationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_iou, "test")
 
-    def _evaluate(self, batch: GroundingBatch, metric: ReferringIoU, stage: str) -> GroundingOutput:
+    def _evaluate(self, batch: GroundingBatch | list[dict], metric: ReferringIoU, stage: str) -> GroundingOutput | None:
+        if isinstance(batch, list):  # every sample of this batch was skipped (skip mode)
+            self._skipped.extend(batch)
+            return None
+        self._skipped.extend(batch.skipped)
         output = self(batch)
         for logits, target in zip(output.mask_logits, batch.gt_masks):
             metric.update(logits > 0, target)
@@ -95,10 +98,18 @@ class ReferringSegmentationModule(L.LightningModule):
             "checkpoint": self.hparams.checkpoint,
             "random_weights": self.random_weights,
         }
+        self.last_results["skipped"] = self._all_skipped()
+        self._skipped = []
 
-    def _log_pruner_hparams(self) -> None:
-        if self.logger is not None:
-            self.logger.log_hyperparams({**self.hparams, **self.pruner.hparams()})
+    def _all_skipped(self) -> list[dict]:
+        """Skipped samples of the whole run: found while indexing, plus those of every rank's batches."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        found_at_load = self._skipped
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self._skipped)
+            found_at_load = [item for rank_items in gathered for item in rank_items]
+        return list(getattr(datamodule, "skipped", None) or []) + sorted(found_at_load, key=lambda item: str(item.get("index")))
 
     def configure_optimizers(self):  # evaluation only in this module; fine-tuning has its own
         return None

@@ -27,6 +27,7 @@ class GroundingBatch:
     sample_ids: Tensor  # [B] data-set index of each sample: stable across batches and ranks
     image_ids: list[str] = field(default_factory=list)
     sentence_ids: list[list[str]] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # samples of this batch the data set skipped
 
     @property
     def batch_size(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from litelvlm.errors import LitelvlmError
+
 
 @dataclass(frozen=True)
 class CLIPVisionSpec:
@@ -88,7 +90,7 @@ class LVLMConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "LVLMConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset '{name}'; presets: {', '.join(sorted(PRESETS))}")
+            raise LitelvlmError(f"unknown model preset '{name}'; presets: {', '.join(sorted(PRESETS))}")
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict:

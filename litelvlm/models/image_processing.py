@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from litelvlm.errors import LitelvlmError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -69,9 +71,9 @@ def mask_to_clip_patch_coverage(mask, size: int, patch: int) -> torch.Tensor:
     """
     mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
+        raise LitelvlmError(f"mask must be [H, W], got shape {mask.shape}")
     if size % patch != 0:
-        raise ValueError(f"size {size} is not a multiple of the patch size {patch}")
+        raise LitelvlmError(f"size {size} is not a multiple of the patch size {patch}")
     resized_h, resized_w, top, left = clip_crop_geometry(mask.shape[0], mask.shape[1], size)
     as_float = Image.fromarray(mask.astype(np.float32))
     resized = np.asarray(as_float.resize((resized_w, resized_h), resample=Image.Resampling.BOX))

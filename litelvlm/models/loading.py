@@ -36,9 +36,29 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_assets(checkpoint: str) -> ModelAssets:
-    """The architecture and tokenizers for a preset name (released checkpoints: see issue 9)."""
-    if checkpoint in PRESETS and checkpoint.startswith("tiny"):
+def _is_tiny_preset(checkpoint: str) -> bool:
+    return checkpoint in PRESETS and checkpoint.startswith("tiny")
+
+
+def _require_checkpoint_name(checkpoint: str) -> None:
+    """A released checkpoint is a folder here or a hub id (owner/name); anything else is a typo."""
+    from litelvlm.models.checkpoint import HUB_ID
+
+    if checkpoint in PRESETS:
+        raise ValueError(
+            f"'{checkpoint}' is an architecture preset; give the checkpoint folder or hub id of the "
+            "released weights instead"
+        )
+    if not Path(checkpoint).expanduser().is_dir() and not HUB_ID.fullmatch(str(checkpoint)):
+        raise FileNotFoundError(
+            f"model checkpoint '{checkpoint}' not found: give a preset ({', '.join(sorted(PRESETS))}), a "
+            "released GLaMM/LISA checkpoint folder, or a hub id (owner/name)"
+        )
+
+
+def load_assets(checkpoint: str, clip_checkpoint: str | None = None) -> ModelAssets:
+    """The architecture and tokenizers: of a tiny preset, or read from a released checkpoint's files."""
+    if _is_tiny_preset(checkpoint):
         from litelvlm.models.tiny_assets import ensure_tiny_tokenizers
         from litelvlm.models.tokenizer import load_clip_tokenizer, load_llm_tokenizer
 
@@ -52,15 +72,11 @@ def load_assets(checkpoint: str) -> ModelAssets:
             text=replace(config.text, vocab_size=len(clip_tokenizer)),
         )
         return ModelAssets(config, llm_tokenizer, clip_tokenizer, random_weights=True)
-    if checkpoint in PRESETS:
-        raise ValueError(
-            f"'{checkpoint}' is an architecture preset; give the checkpoint folder or hub id of the "
-            "released weights instead"
-        )
-    raise FileNotFoundError(
-        f"model checkpoint '{checkpoint}' not found: give a preset ({', '.join(sorted(PRESETS))}) or a "
-        "released GLaMM/LISA checkpoint folder"
-    )
+    _require_checkpoint_name(checkpoint)
+    from litelvlm.models.checkpoint import read_checkpoint
+
+    assets = read_checkpoint(checkpoint, clip_checkpoint)
+    return ModelAssets(assets.config, assets.llm_tokenizer, assets.clip_tokenizer, random_weights=False)
 
 
 def load_lvlm(
@@ -68,8 +84,24 @@ def load_lvlm(
     dtype: str | torch.dtype = "float32",
     seed: int = 0,
     seg_prompt_position: str = "before",
+    *,
+    clip_checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> PixelGroundingLVLM:
-    """Build the frozen model; preset weights are drawn from `seed`, so every process gets the same."""
+    """The frozen model: a tiny preset with weights drawn from `seed` (so every process gets the
+    same), or a released checkpoint (folder or hub id) through `from_pretrained`."""
+    if _is_tiny_preset(checkpoint):
+        return _build_tiny(checkpoint, dtype, seed, seg_prompt_position, device)
+    _require_checkpoint_name(checkpoint)
+    from litelvlm.models.checkpoint import from_pretrained
+
+    loaded = from_pretrained(
+        checkpoint, dtype=dtype, device=device, clip_checkpoint=clip_checkpoint, seg_prompt_position=seg_prompt_position
+    )
+    return loaded.model
+
+
+def _build_tiny(checkpoint: str, dtype, seed: int, seg_prompt_position: str, device) -> PixelGroundingLVLM:
     from litelvlm.models.tokenizer import special_token_ids
 
     assets = load_assets(checkpoint)
@@ -77,7 +109,8 @@ def load_lvlm(
     clip = assets.clip_tokenizer
     clip_ids = None
     if clip is not None:
-        clip_ids = (clip.bos_token_id, clip.eos_token_id, clip.pad_token_id if clip.pad_token_id is not None else clip.eos_token_id)
+        pad = clip.pad_token_id if clip.pad_token_id is not None else clip.eos_token_id
+        clip_ids = (clip.bos_token_id, clip.eos_token_id, pad)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -86,4 +119,4 @@ def load_lvlm(
         torch.random.set_rng_state(state)
     model.clip_tokenizer = clip
     model.random_weights = assets.random_weights
-    return model.to(resolve_dtype(dtype)).eval()
+    return model.to(device=device, dtype=resolve_dtype(dtype)).eval()

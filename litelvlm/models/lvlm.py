@@ -8,7 +8,10 @@ before each [SEG] -> [SEG] projection -> SAM prompt encoder + mask decoder -> ma
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ from transformers import (
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
@@ -115,7 +119,7 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp2x_gelu":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-    raise ValueError(f"unknown projector '{kind}' (expected 'linear' or 'mlp2x_gelu')")
+    raise LitelvlmError(f"unknown projector '{kind}' (expected 'linear' or 'mlp2x_gelu')")
 
 
 class PixelGroundingLVLM(nn.Module):
@@ -138,7 +142,7 @@ class PixelGroundingLVLM(nn.Module):
     ) -> None:
         super().__init__()
         if seg_prompt_position not in ("before", "at"):
-            raise ValueError(f"seg_prompt_position must be 'before' or 'at', got {seg_prompt_position!r}")
+            raise LitelvlmError(f"seg_prompt_position must be 'before' or 'at', got {seg_prompt_position!r}")
         self.config = config
         self.seg_token_id = seg_token_id
         self.seg_prompt_position = seg_prompt_position
@@ -152,6 +156,7 @@ class PixelGroundingLVLM(nn.Module):
         self.text_hidden_fcs = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.sam.prompt_dim))
         self.sam = SamModel(sam_config(config))
         self.clip_tokenizer = None  # set by the loader; tokenises questions for the text tower
+        self.stage_observer = None  # callable(stage name) -> context manager; see `stage`
 
     # ------------------------------------------------------------------ vision
     @property
@@ -163,7 +168,7 @@ class PixelGroundingLVLM(nn.Module):
         num_layers = len(self.vision_tower.vision_model.encoder.layers)
         index = self.config.select_layer % (num_layers + 1)
         if index == 0:
-            raise ValueError("select_layer must pick the output of an encoder layer, not the embeddings")
+            raise LitelvlmError("select_layer must pick the output of an encoder layer, not the embeddings")
         return index
 
     def encode_image(self, pixel_values: Tensor, needs: frozenset[Signal]) -> tuple[Tensor, VisualSignals]:
@@ -248,7 +253,7 @@ class PixelGroundingLVLM(nn.Module):
         n = self.num_patches
         is_image = input_ids == IMAGE_TOKEN_INDEX
         if not bool((is_image.sum(1) == 1).all()):
-            raise ValueError("every prompt must contain the image placeholder exactly once")
+            raise LitelvlmError("every prompt must contain the image placeholder exactly once")
         image_pos = is_image.int().argmax(1)  # [B]
         text_embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
         prompt_positions = self._seg_prompt_positions(input_ids)
@@ -386,10 +391,13 @@ class PixelGroundingLVLM(nn.Module):
         return torch.gather(probs, 1, visual_positions)
 
     # ------------------------------------------------------------------ SAM
-    def decode_masks(self, batch: GroundingBatch, seg_embeddings: list[Tensor]) -> list[Tensor]:
+    def encode_sam_image(self, sam_pixel_values: Tensor) -> Tensor:
+        """SAM's image embeddings [B, C, h, w]: once per image, whatever the prompts."""
+        return self.sam.vision_encoder(sam_pixel_values.to(self.sam.dtype))[0]
+
+    def decode_masks(self, batch: GroundingBatch, image_embeddings: Tensor, seg_embeddings: list[Tensor]) -> list[Tensor]:
         """SAM prompted by each [SEG] embedding (sparse) and no-mask (dense), one mask per prompt."""
         sam = self.sam
-        image_embeddings = sam.vision_encoder(batch.sam_pixel_values.to(sam.dtype))[0]
         positional = sam.get_image_wide_positional_embeddings()
         _, channels, height, width = image_embeddings.shape
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)
@@ -412,39 +420,65 @@ class PixelGroundingLVLM(nn.Module):
         return masks
 
     # ------------------------------------------------------------------ forward
-    def required_signals(self, pruner: TokenPruner) -> frozenset[Signal]:
-        return frozenset(pruner.required_signals)
+    def stage(self, name: str):
+        """Context around one stage of the forward, for an observer such as the efficiency profiler.
 
-    def forward(self, batch: GroundingBatch, pruner: TokenPruner) -> GroundingOutput:
-        needs = self.required_signals(pruner)
-        patch_features, signals = self.encode_image(batch.clip_pixel_values, needs)
+        Stages: clip_vision, clip_text, pruner_select, llm_prefill, sam_image_encoder, sam_decoder.
+        Without an observer this is a no-op.
+        """
+        return self.stage_observer(name) if self.stage_observer is not None else contextlib.nullcontext()
+
+    def encode(self, batch: GroundingBatch, pruners: Sequence[TokenPruner]) -> SharedEncodings:
+        """The pruner-independent part of the forward, computed once for any number of pruners.
+
+        Only the signals some pruner declared are computed (text embeddings once per text source).
+        """
+        needs = frozenset().union(*(pruner.required_signals for pruner in pruners))
+        with self.stage("clip_vision"):
+            patch_features, signals = self.encode_image(batch.clip_pixel_values, needs)
         signals.sample_ids = batch.sample_ids
-        if Signal.TEXT_EMBEDS in needs:
-            texts = batch.expressions if getattr(pruner, "text_source", "question") == "expression" else batch.questions
-            signals.text_embeds, signals.text_mask = self.encode_text(texts)
+        text_embeds = {}
+        for pruner in pruners:
+            source = getattr(pruner, "text_source", "question")
+            if Signal.TEXT_EMBEDS in pruner.required_signals and source not in text_embeds:
+                texts = batch.expressions if source == "expression" else batch.questions
+                with self.stage("clip_text"):
+                    text_embeds[source] = self.encode_text(texts)
+        with self.stage("sam_image_encoder"):
+            sam_image_embeddings = self.encode_sam_image(batch.sam_pixel_values)
+        return SharedEncodings(patch_features, signals, text_embeds, sam_image_embeddings)
 
+    def ground(self, batch: GroundingBatch, shared: SharedEncodings, pruner: TokenPruner) -> GroundingOutput:
+        """The pruner-dependent part: select, project, splice, decode, prompt SAM."""
+        patch_features = shared.patch_features
         n = self.num_patches
-        if pruner.acts_in_llm:
-            kept = torch.arange(n, device=patch_features.device).expand(patch_features.shape[0], n)
-        else:
-            kept = pruner.select(signals).to(patch_features.device)
-            _check_kept(kept, n, pruner)
-            if pruner.kept_order == "raster":
-                kept = torch.sort(kept, dim=1).values
-        selected = torch.gather(patch_features, 1, kept[..., None].expand(-1, -1, patch_features.shape[-1]))
-        visual_embeds = self.mm_projector(selected)
-
-        inputs = self.splice_visual_tokens(batch, visual_embeds, kept, pruner.position_ids)
-        hidden, trace = self.run_decoder(inputs, pruner)
-
-        seg_mask = trace["seg_mask"]
-        seg_states = hidden[seg_mask]  # row-major: sample by sample, in prompt order
-        counts = seg_mask.sum(1).tolist()
-        expected = [m.shape[0] for m in batch.gt_masks]
-        if counts != expected:
-            raise ValueError(f"prompts hold {counts} [SEG] tokens per sample but the batch has {expected} masks")
-        seg_embeddings = self.text_hidden_fcs(seg_states).split(counts)
-        mask_logits = self.decode_masks(batch, list(seg_embeddings))
+        with self.stage("pruner_select"):
+            if pruner.acts_in_llm:
+                kept = torch.arange(n, device=patch_features.device).expand(patch_features.shape[0], n)
+            else:
+                signals = shared.signals
+                source = getattr(pruner, "text_source", "question")
+                if source in shared.text_embeds:
+                    signals = replace(signals)
+                    signals.text_embeds, signals.text_mask = shared.text_embeds[source]
+                kept = pruner.select(signals).to(patch_features.device)
+                _check_kept(kept, n, pruner)
+                if pruner.kept_order == "raster":
+                    kept = torch.sort(kept, dim=1).values
+        with self.stage("llm_prefill"):
+            selected = torch.gather(patch_features, 1, kept[..., None].expand(-1, -1, patch_features.shape[-1]))
+            visual_embeds = self.mm_projector(selected)
+            inputs = self.splice_visual_tokens(batch, visual_embeds, kept, pruner.position_ids)
+            hidden, trace = self.run_decoder(inputs, pruner)
+        with self.stage("sam_decoder"):
+            seg_mask = trace["seg_mask"]
+            seg_states = hidden[seg_mask]  # row-major: sample by sample, in prompt order
+            counts = seg_mask.sum(1).tolist()
+            expected = [m.shape[0] for m in batch.gt_masks]
+            if counts != expected:
+                raise LitelvlmError(f"prompts hold {counts} [SEG] tokens per sample but the batch has {expected} masks")
+            seg_embeddings = self.text_hidden_fcs(seg_states).split(counts)
+            mask_logits = self.decode_masks(batch, shared.sam_image_embeddings, list(seg_embeddings))
         return GroundingOutput(
             mask_logits=mask_logits,
             kept_indices=None if pruner.acts_in_llm else kept,
@@ -452,6 +486,19 @@ class PixelGroundingLVLM(nn.Module):
             sequence_length_per_layer=trace["lengths"],
             seg_hidden_states=seg_states,
         )
+
+    def forward(self, batch: GroundingBatch, pruner: TokenPruner) -> GroundingOutput:
+        return self.ground(batch, self.encode(batch, [pruner]), pruner)
+
+
+@dataclass
+class SharedEncodings:
+    """What every pruner of a batch shares: CLIP features and signals, text embeddings, SAM image embeddings."""
+
+    patch_features: Tensor  # [B, N, D]
+    signals: VisualSignals  # without text embeddings: those are per text source
+    text_embeds: dict[str, tuple[Tensor, Tensor]]  # text source -> ([B, T, P], text_mask [B, T])
+    sam_image_embeddings: Tensor  # [B, C, h, w]
 
 
 def _check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:

@@ -13,12 +13,17 @@ from litelvlm.data.samples import ReferringSample
 from litelvlm.models.batch import GroundingBatch
 from litelvlm.models.config import LVLMConfig
 from litelvlm.models.image_processing import clip_preprocess, sam_preprocess
-from litelvlm.models.prompts import build_glamm_prompt
+from litelvlm.errors import DataError
+from litelvlm.models.prompts import GroundingPrompt, build_glamm_prompt, build_lisa_prompt
 from litelvlm.models.tokenizer import special_token_ids, tokenize_prompt
 
 
 class GroundingProcessor:
-    """Pre-processing of the GLaMM evaluation protocol: one multi-round prompt per image.
+    """Pre-processing for one model: its prompt format, tokenizer and both image branches.
+
+    GLaMM-format models get one multi-round prompt holding all of a sample's sentences; LISA-format
+    models get LISA's single-round prompt, so their samples hold one sentence (protocol
+    `per-sentence`).
 
     Args:
         config: the model architecture (CLIP and SAM input sizes).
@@ -27,16 +32,13 @@ class GroundingProcessor:
     """
 
     def __init__(self, config: LVLMConfig, tokenizer, seed: int = 0) -> None:
-        if config.protocol != "glamm":
-            raise NotImplementedError(f"the '{config.protocol}' evaluation protocol is not implemented yet")
         self.config = config
         self.tokenizer = tokenizer
         self.seed = seed
         self.pad_id = special_token_ids(tokenizer).pad
 
     def __call__(self, sample: ReferringSample) -> dict:
-        rng = random.Random(f"litelvlm-templates:{self.seed}:{sample.index}")
-        prompt = build_glamm_prompt(sample.sentences, rng)
+        prompt = self.build_prompt(sample)
         sam_pixels, resized = sam_preprocess(sample.image, self.config.sam.image_size)
         return {
             "clip_pixel_values": clip_preprocess(sample.image, self.config.vision.image_size),
@@ -52,8 +54,27 @@ class GroundingProcessor:
             "sentence_ids": list(sample.sentence_ids),
         }
 
-    def collate(self, items: list[dict]) -> GroundingBatch:
-        """Stack images, right-pad token ids with the pad id; masks stay a list (sizes differ)."""
+    def build_prompt(self, sample: ReferringSample) -> GroundingPrompt:
+        if self.config.protocol == "lisa":
+            if len(sample.sentences) != 1:
+                raise DataError(
+                    f"sample {sample.index} (image {sample.image_id}) holds {len(sample.sentences)} sentences, "
+                    "but LISA prompts hold one: evaluate LISA with data.protocol per-sentence"
+                )
+            return build_lisa_prompt(sample.sentences[0])
+        rng = random.Random(f"litelvlm-templates:{self.seed}:{sample.index}")
+        return build_glamm_prompt(sample.sentences, rng)
+
+    def collate(self, items: list[dict]) -> GroundingBatch | list[dict]:
+        """Stack images, right-pad token ids with the pad id; masks stay a list (sizes differ).
+
+        Items the data set skipped (skip mode) travel as `skipped` records; a batch of only
+        skipped items is just the list of those records.
+        """
+        skipped = [item["skipped"] for item in items if "skipped" in item]
+        items = [item for item in items if "skipped" not in item]
+        if not items:
+            return skipped
         length = max(item["input_ids"].shape[0] for item in items)
         input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -74,6 +95,7 @@ class GroundingProcessor:
             sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.long),
             image_ids=[item["image_id"] for item in items],
             sentence_ids=[item["sentence_ids"] for item in items],
+            skipped=skipped,
         )
 
     def process_and_collate(self, samples: list[ReferringSample]) -> GroundingBatch:

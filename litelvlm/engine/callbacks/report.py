@@ -32,17 +32,21 @@ class EvaluationReport(L.Callback):
         self.filename = filename
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report(trainer, pl_module)
+        self._report(trainer, pl_module, self._folder(trainer))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report(trainer, pl_module)
+        self._report(trainer, pl_module, self._folder(trainer))
+
+    @staticmethod
+    def _folder(trainer: L.Trainer) -> Path:
+        # `trainer.log_dir` broadcasts under DDP: every rank must ask, not only rank zero.
+        return Path(trainer.log_dir or trainer.default_root_dir)
 
     @rank_zero_only
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
         results = getattr(pl_module, "last_results", None)
         if not results or trainer.sanity_checking:
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.filename
         path.write_text(json.dumps(results, indent=2) + "\n")

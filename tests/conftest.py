@@ -1,0 +1,39 @@
+"""Shared fixtures: a private cache, the tiny random-weight model and a batch of the demo data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tokenizers and demo data are built into a fresh cache, so tests never depend on ~/.cache."""
+    folder = tmp_path_factory.mktemp("litelvlm_cache")
+    old = os.environ.get("LITELVLM_CACHE")
+    os.environ["LITELVLM_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("LITELVLM_CACHE", None)
+    else:
+        os.environ["LITELVLM_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model(private_cache):
+    from litelvlm.models.loading import load_lvlm
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return load_lvlm("tiny-glamm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_batch(private_cache):
+    """Two demo images with 3 sentences each, processed for the tiny model."""
+    from litelvlm.data.datamodule import ReferringDataModule
+
+    data = ReferringDataModule(batch_size=2)
+    data.setup()
+    return next(iter(data.val_dataloader()))
