@@ -12,7 +12,7 @@ from litelvlm.data.records import protocol_items
 from litelvlm.data.sampler import UnpaddedDistributedSampler
 from litelvlm.data.synthetic import generate_synthetic_refcoco
 from litelvlm.errors import DataError
-from tests.test_data_original import coco_name, write_original_layout
+from test_data_original import coco_name, write_original_layout
 
 
 @pytest.fixture(scope="module")

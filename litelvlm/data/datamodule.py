@@ -39,6 +39,9 @@ class ReferringDataModule(L.LightningDataModule):
             once into the cache).
         dataset: refcoco, refcoco+, refcocog or grefcoco, for the original layout.
         split: the split evaluated by `validate` and `test`.
+        splits: several splits evaluated in one run, each `split` or `dataset/split` (e.g. the
+            standard benchmark `[refcoco/val, refcoco/testA, ..., refcocog/test]`); overrides
+            `split`. Each is a separate data loader with its own metrics.
         split_by: the refs file variant (unc, umd, google); default per data set.
         protocol: `glamm` (per image, up to `max_sentences` seeded sentences in one multi-round
             prompt), `per-sentence` (LISA: one sentence per forward) or `all-sentences` (every
@@ -56,6 +59,7 @@ class ReferringDataModule(L.LightningDataModule):
         data_dir: str | None = None,
         dataset: str | None = None,
         split: str = "val",
+        splits: list[str] | None = None,
         split_by: str | None = None,
         protocol: str = "glamm",
         checkpoint: str = "tiny-glamm",
@@ -73,6 +77,7 @@ class ReferringDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         self.dataset_name = dataset
         self.split = split
+        self.splits = list(splits) if splits else None
         self.split_by = split_by
         self.protocol = protocol
         self.on_error = on_error
@@ -81,41 +86,61 @@ class ReferringDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_sentences = max_sentences
         self.seed = seed
-        self.dataset: Dataset | None = None
+        self.datasets: list[Dataset] | None = None
         self.samples = None
         self.processor = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        from litelvlm.models.loading import load_assets
-        from litelvlm.models.processor import GroundingProcessor
+    @property
+    def split_names(self) -> list[str]:
+        """One name per evaluated split, in data-loader order."""
+        return self.splits or [self.split if self.dataset_name is None else f"{self.dataset_name}/{self.split}"]
 
+    def _open(self, name: str):
+        dataset, _, split = name.rpartition("/") if self.splits else (self.dataset_name, "", self.split)
         source = self.data_dir if self.data_dir is not None else ensure_demo_data()
-        samples = open_referring_dataset(
+        return open_referring_dataset(
             source,
-            dataset=self.dataset_name,
-            split=self.split,
+            dataset=dataset or self.dataset_name,
+            split=split,
             split_by=self.split_by,
             max_sentences=self.max_sentences,
             seed=self.seed,
             on_error=self.on_error,
             protocol=self.protocol,
         )
-        self.samples = samples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets is not None:
+            return
+        from litelvlm.models.loading import load_assets
+        from litelvlm.models.processor import GroundingProcessor
+
         assets = load_assets(self.checkpoint)
         self.processor = GroundingProcessor(assets.config, assets.llm_tokenizer, seed=self.seed)
-        self.dataset = ProcessedDataset(samples, self.processor)
+        self.all_samples = [self._open(name) for name in self.split_names]
+        self.samples = self.all_samples[0]
+        self.datasets = [ProcessedDataset(samples, self.processor) for samples in self.all_samples]
 
-    def _loader(self) -> DataLoader:
-        if self.dataset is None:
+    @property
+    def dataset(self) -> Dataset:
+        """The (first) evaluated split, processed."""
+        if self.datasets is None:
             self.setup()
+        return self.datasets[0]
+
+    def _loaders(self) -> DataLoader | list[DataLoader]:
+        if self.datasets is None:
+            self.setup()
+        loaders = [self._loader(dataset) for dataset in self.datasets]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         sampler = None
         if trainer is not None and trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(self.dataset, trainer.world_size, trainer.global_rank)
+            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
-            self.dataset,
+            dataset,
             batch_size=self.batch_size,
             shuffle=False,
             sampler=sampler,
@@ -124,16 +149,21 @@ class ReferringDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def skipped_in(self, split_index: int = 0) -> list[dict]:
+        """Samples of a split left out in skip mode while indexing; load-time skips reach the module in batches."""
+        if self.datasets is None:
+            return []
+        return [item.as_dict() for item in self.all_samples[split_index].skipped]
+
     @property
     def skipped(self) -> list[dict]:
-        """Samples left out in skip mode (found while indexing); load-time skips are counted by the module."""
-        return [] if self.samples is None else [item.as_dict() for item in self.samples.skipped]
+        return self.skipped_in(0)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader()
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loaders()
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loaders()
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader()
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loaders()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torch import nn
 
 from litelvlm.engine.metrics import ReferringIoU
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
@@ -41,8 +42,8 @@ class ReferringSegmentationModule(L.LightningModule):
         self.lvlm = load_lvlm(checkpoint, dtype=dtype, seed=seed, seg_prompt_position=seg_prompt_position)
         self.lvlm.requires_grad_(False).eval()
         self.pruner.budget(self.lvlm.num_patches)  # fail now, with a clear message, on a budget out of range
-        self.val_iou = ReferringIoU()
-        self.test_iou = ReferringIoU()
+        self.split_names = ["val"]
+        self.split_metrics = nn.ModuleList([ReferringIoU()])
         self.last_results: dict | None = None
         self._skipped: list[dict] = []
 
@@ -53,52 +54,71 @@ class ReferringSegmentationModule(L.LightningModule):
     def forward(self, batch: GroundingBatch) -> GroundingOutput:
         return self.lvlm(batch, self.pruner)
 
-    def validation_step(self, batch: GroundingBatch | list[dict], batch_idx: int) -> GroundingOutput | None:
-        return self._evaluate(batch, self.val_iou, "val")
+    def setup(self, stage: str) -> None:
+        """One metric per evaluated split (the data module may hold several)."""
+        names = getattr(getattr(self.trainer, "datamodule", None), "split_names", None) or ["val"]
+        self.split_names = list(names)
+        self.split_metrics = nn.ModuleList(ReferringIoU() for _ in self.split_names)
 
-    def test_step(self, batch: GroundingBatch | list[dict], batch_idx: int) -> GroundingOutput | None:
-        return self._evaluate(batch, self.test_iou, "test")
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> GroundingOutput | None:
+        return self._evaluate(batch, "val", dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> GroundingOutput | None:
+        return self._evaluate(batch, "test", dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._finish(self.val_iou, "val")
+        self._finish("val")
 
     def on_test_epoch_end(self) -> None:
-        self._finish(self.test_iou, "test")
+        self._finish("test")
 
-    def _evaluate(self, batch: GroundingBatch | list[dict], metric: ReferringIoU, stage: str) -> GroundingOutput | None:
+    def _prefix(self, stage: str, split_index: int) -> str:
+        """`val/...` for one split; `val/<split>/...` when a run evaluates several."""
+        return stage if len(self.split_names) == 1 else f"{stage}/{self.split_names[split_index]}"
+
+    def _evaluate(self, batch: GroundingBatch | list[dict], stage: str, split_index: int) -> GroundingOutput | None:
         if isinstance(batch, list):  # every sample of this batch was skipped (skip mode)
-            self._skipped.extend(batch)
+            self._skipped.extend({**item, "split": self.split_names[split_index]} for item in batch)
             return None
-        self._skipped.extend(batch.skipped)
+        self._skipped.extend({**item, "split": self.split_names[split_index]} for item in batch.skipped)
         output = self(batch)
+        metric = self.split_metrics[split_index]
         for logits, target in zip(output.mask_logits, batch.gt_masks):
             metric.update(logits > 0, target)
         self.log(
-            f"{stage}/visual_tokens",
+            f"{self._prefix(stage, split_index)}/visual_tokens",
             float(output.num_visual_tokens),
             batch_size=batch.batch_size,
             on_step=False,
             on_epoch=True,
             sync_dist=True,
+            add_dataloader_idx=False,
         )
         return output
 
-    def _finish(self, metric: ReferringIoU, stage: str) -> None:
-        values = metric.compute()
-        metric.reset()
-        self.log(f"{stage}/ciou", values["ciou"].float(), sync_dist=False)
-        self.log(f"{stage}/giou", values["giou"].float(), sync_dist=False)
-        self.log(f"{stage}/num_masks", values["num_masks"].float(), sync_dist=False)
-        self.last_results = {
-            "stage": stage,
-            **self.pruner.hparams(),
-            "ciou": float(values["ciou"]),
-            "giou": float(values["giou"]),
-            "num_samples": int(values["num_masks"]),
-            "checkpoint": self.hparams.checkpoint,
-            "random_weights": self.random_weights,
-        }
-        self.last_results["skipped"] = self._all_skipped()
+    def _finish(self, stage: str) -> None:
+        skipped = self._all_skipped()
+        rows = []
+        for split_index, (name, metric) in enumerate(zip(self.split_names, self.split_metrics)):
+            values = metric.compute() if metric.update_called else {"ciou": 0.0, "giou": float("nan"), "num_masks": 0}
+            metric.reset()
+            prefix = self._prefix(stage, split_index)
+            for key in ("ciou", "giou", "num_masks"):
+                self.log(f"{prefix}/{key}", float(values[key]), sync_dist=False, add_dataloader_idx=False)
+            rows.append(
+                {
+                    "stage": stage,
+                    "split": name,
+                    **self.pruner.hparams(),
+                    "ciou": float(values["ciou"]),
+                    "giou": float(values["giou"]),
+                    "num_samples": int(values["num_masks"]),
+                    "checkpoint": self.hparams.checkpoint,
+                    "random_weights": self.random_weights,
+                    "skipped": [item for item in skipped if item.get("split") == name],
+                }
+            )
+        self.last_results = rows[0] if len(rows) == 1 else rows
         self._skipped = []
 
     def _all_skipped(self) -> list[dict]:
@@ -109,7 +129,11 @@ class ReferringSegmentationModule(L.LightningModule):
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, self._skipped)
             found_at_load = [item for rank_items in gathered for item in rank_items]
-        return list(getattr(datamodule, "skipped", None) or []) + sorted(found_at_load, key=lambda item: str(item.get("index")))
+        found_at_index = []
+        if hasattr(datamodule, "skipped_in"):
+            for split_index, name in enumerate(self.split_names):
+                found_at_index += [{**item, "split": name} for item in datamodule.skipped_in(split_index)]
+        return found_at_index + sorted(found_at_load, key=lambda item: str(item.get("index")))
 
     def configure_optimizers(self):  # evaluation only in this module; fine-tuning has its own
         return None

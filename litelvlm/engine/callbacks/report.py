@@ -15,13 +15,18 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def format_results_table(rows: list[dict]) -> str:
-    header = f"{'pruner':<22}{'budget':>8}{'cIoU':>10}{'gIoU':>10}{'samples':>10}"
+    """One line per result row; a split column when rows differ in split, a skipped column when any skipped."""
+    show_split = len({row.get("split") for row in rows}) > 1
+    show_skipped = any(row.get("skipped") for row in rows)
+    header = ("split".ljust(18) if show_split else "") + f"{'pruner':<22}{'budget':>8}{'cIoU':>10}{'gIoU':>10}{'samples':>10}"
+    header += f"{'skipped':>10}" if show_skipped else ""
     lines = [header, "-" * len(header)]
     for row in rows:
         budget = "all" if row["num_tokens"] is None else str(row["num_tokens"])
-        lines.append(
-            f"{row['pruner']:<22}{budget:>8}{100 * row['ciou']:>10.2f}{100 * row['giou']:>10.2f}{row['num_samples']:>10d}"
-        )
+        line = str(row.get("split")).ljust(18) if show_split else ""
+        line += f"{row['pruner']:<22}{budget:>8}{100 * row['ciou']:>10.2f}{100 * row['giou']:>10.2f}{row['num_samples']:>10d}"
+        line += f"{len(row.get('skipped') or []):>10d}" if show_skipped else ""
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -47,11 +52,12 @@ class EvaluationReport(L.Callback):
         results = getattr(pl_module, "last_results", None)
         if not results or trainer.sanity_checking:
             return
+        rows = results if isinstance(results, list) else [results]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.filename
         path.write_text(json.dumps(results, indent=2) + "\n")
         print()
-        print(format_results_table([results]))
-        if results.get("random_weights"):
+        print(format_results_table(rows))
+        if any(row.get("random_weights") for row in rows):
             print(RANDOM_WEIGHTS_NOTE)
         print(f"results written to {path}")
