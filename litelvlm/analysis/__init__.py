@@ -1,0 +1,7 @@
+"""Studies that explain why text-guided pruning works, run as Lightning callbacks during validate/test."""
+
+from litelvlm.analysis.attention_sink import TextAttentionSinkStudy
+from litelvlm.analysis.bootstrap import bootstrap_mean
+from litelvlm.analysis.reversal import RULE_PRUNERS, SimilarityReversalStudy
+
+__all__ = ["RULE_PRUNERS", "SimilarityReversalStudy", "TextAttentionSinkStudy", "bootstrap_mean"]

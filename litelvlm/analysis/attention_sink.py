@@ -1,0 +1,212 @@
+"""Text attention sink study: where does CLIP's text [EOS] token look?
+
+The projected [EOS] state is the sentence embedding LiteLVLM compares patches with. For each question
+and every layer and head of the CLIP text tower this takes the [EOS] query's attention row and
+measures its share on [SOS], on the content tokens between them, on itself, and its entropy
+(method.md, "Text attention sink"). Only the text tower's attention is read, from an eager-attention
+copy of it (sdpa returns no probabilities); the LLM is never asked for attention.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+
+from litelvlm.analysis.reversal import (
+    StudyError,
+    _pyplot,
+    gather_objects,
+    split_name,
+    study_folder,
+    tensorboard_writers,
+    unique_sorted,
+)
+
+MEASURES = ("sos", "content", "self", "entropy")
+
+
+def eager_copy(text_tower: nn.Module) -> nn.Module:
+    """A copy of the text tower that returns attention probabilities (eager attention)."""
+    tower = copy.deepcopy(text_tower)
+    tower.set_attn_implementation("eager")
+    return tower.eval()
+
+
+def eos_attention_shares(attentions: Sequence[Tensor], eos_positions: Tensor) -> dict[str, Tensor]:
+    """{measure: [Q, layers, heads]} from per-layer attentions [Q, H, S, S] and each [EOS] position.
+
+    sos: probability on position 0; content: on positions 1..eos-1; self: on eos; entropy (nats) of
+    the row over positions 0..eos (the causal mask gives later positions no probability).
+    """
+    stacked = torch.stack([a.double() for a in attentions], dim=1)  # [Q, L, H, S, S]
+    rows = stacked[torch.arange(len(eos_positions)), :, :, eos_positions]  # [Q, L, H, S]
+    positions = torch.arange(rows.shape[-1], device=rows.device)
+    eos = eos_positions.to(rows.device).view(-1, 1, 1, 1)
+    content = ((positions > 0) & (positions < eos)).to(rows.dtype)
+    return {
+        "sos": rows[..., 0],
+        "content": (rows * content).sum(-1),
+        "self": rows.gather(-1, eos.expand(*rows.shape[:-1], 1)).squeeze(-1),
+        "entropy": -torch.special.xlogy(rows, rows).sum(-1),
+    }
+
+
+@torch.no_grad()
+def measure_questions(eager_tower: nn.Module, clip_tokenizer, questions: list[str], max_length: int = 77) -> dict:
+    """Shares, tokens and the last layer's head-mean [EOS] row of every question (one tower pass).
+
+    Right padding cannot change the [EOS] row: the text tower is causal, so [EOS] never sees it.
+    """
+    encoded = clip_tokenizer(questions, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    device = next(eager_tower.parameters()).device
+    out = eager_tower(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
+                      output_attentions=True)
+    if not out.attentions:
+        raise StudyError("the CLIP text tower returned no attentions; it must run with eager attention")
+    eos_positions = encoded["attention_mask"].sum(-1) - 1  # the last real token: CLIP's pooled [EOS]
+    shares = eos_attention_shares(out.attentions, eos_positions.to(device))
+    last = out.attentions[-1].double().mean(dim=1)  # [Q, S, S] head mean
+    tokens, last_rows = [], []
+    for q, eos in enumerate(eos_positions.tolist()):
+        tokens.append(clip_tokenizer.convert_ids_to_tokens(encoded["input_ids"][q, : eos + 1].tolist()))
+        last_rows.append(last[q, eos, : eos + 1].cpu().tolist())
+    return {"shares": {m: v.cpu() for m, v in shares.items()}, "tokens": tokens, "last_layer_eos_row": last_rows,
+            "eos_positions": eos_positions.tolist()}
+
+
+class TextAttentionSinkStudy(L.Callback):
+    """Measures the [EOS] attention sink over a split during `validate` / `test`.
+
+    Writes `attention_sink.json` (per-question rows and per layer x head mean/std), a heatmap of the
+    mean share on [SOS], and per-token bar charts for the first `num_examples` questions.
+
+    Args:
+        num_examples: questions (in sample-id order) that get a per-token bar chart.
+        text_source: `question` (what LiteLVLM encodes) or `expression`.
+        filename: name of the JSON written beside the logs.
+    """
+
+    def __init__(self, num_examples: int = 3, text_source: str = "question", filename: str = "attention_sink.json"):
+        super().__init__()
+        if text_source not in ("question", "expression"):
+            raise StudyError(f"text_source must be 'question' or 'expression', got {text_source!r}")
+        self.num_examples, self.text_source, self.filename = int(num_examples), text_source, filename
+        self.rows: list[dict] = []
+        self.summary: dict | None = None
+        self._tower: nn.Module | None = None
+
+    def _reset(self, trainer, pl_module) -> None:
+        self.rows, self.summary = [], None
+
+    on_validation_epoch_start = _reset
+    on_test_epoch_start = _reset
+
+    def _measure_batch(self, trainer, pl_module, batch, dataloader_idx: int) -> None:
+        if trainer.sanity_checking:
+            return
+        lvlm = pl_module.lvlm
+        if lvlm.text_tower is None or lvlm.clip_tokenizer is None:
+            raise StudyError("TextAttentionSinkStudy needs a model with a CLIP text tower and tokenizer")
+        if self._tower is None:
+            self._tower = eager_copy(lvlm.text_tower)
+        texts = batch.questions if self.text_source == "question" else batch.expressions
+        flat = [(b, t, text) for b, sample in enumerate(texts) for t, text in enumerate(sample)]
+        if not flat:
+            return
+        measured = measure_questions(self._tower, lvlm.clip_tokenizer, [text for _, _, text in flat],
+                                     lvlm.config.text.max_length)
+        split = split_name(trainer, dataloader_idx)
+        for q, (b, t, text) in enumerate(flat):
+            self.rows.append({
+                "split": split, "sample_id": int(batch.sample_ids[b]), "sentence": t, "text": text,
+                "tokens": measured["tokens"][q], "eos_position": measured["eos_positions"][q],
+                "shares": {m: measured["shares"][m][q].tolist() for m in MEASURES},  # [layers][heads]
+                "last_layer_eos_row": measured["last_layer_eos_row"][q],
+            })
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._measure_batch(trainer, pl_module, batch, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._measure_batch(trainer, pl_module, batch, dataloader_idx)
+
+    def _finish(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        rows = unique_sorted(gather_objects(self.rows), key=lambda r: (r["split"], r["sample_id"], r["sentence"]))
+        self._tower = None  # a fresh copy next run: the weights may have changed
+        folder = study_folder(trainer)
+        self.summary = summarise(rows)
+        self._write(trainer, folder, self.summary)
+
+    on_validation_epoch_end = _finish
+    on_test_epoch_end = _finish
+
+    @rank_zero_only
+    def _write(self, trainer, folder: Path, summary: dict) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / self.filename).write_text(json.dumps(summary, indent=2) + "\n")
+        if summary["num_questions"]:
+            plot_sos_heatmap(np.asarray(summary["mean"]["sos"]), folder / "attention_sink_sos_heatmap.png")
+            for index, row in enumerate(summary["rows"][: self.num_examples]):
+                plot_eos_row(row, folder / f"attention_sink_example_{index}.png")
+        for writer in tensorboard_writers(trainer):
+            for measure in MEASURES:
+                for layer, values in enumerate(summary["mean"].get(measure, [])):
+                    writer.add_scalar(f"attention_sink/{measure}/head_mean", float(np.mean(values)), layer)
+            if summary["num_questions"]:
+                sos = np.asarray([row["shares"]["sos"] for row in summary["rows"]])
+                writer.add_histogram("attention_sink/sos_share_last_layer", sos[:, -1].ravel(), 0)
+            writer.flush()
+        print(f"text attention sink written to {folder / self.filename}")
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and std (over questions) of every measure per layer x head, plus the rows."""
+    summary = {"measures": list(MEASURES), "num_questions": len(rows), "mean": {}, "std": {}, "rows": rows}
+    if rows:
+        for measure in MEASURES:
+            values = np.asarray([row["shares"][measure] for row in rows])  # [Q, L, H]
+            summary["mean"][measure] = values.mean(axis=0).tolist()
+            summary["std"][measure] = values.std(axis=0).tolist()
+    return summary
+
+
+def plot_sos_heatmap(mean_sos: np.ndarray, path: Path) -> None:
+    """Layer x head map of the mean [EOS] -> [SOS] share: bright cells are sink heads."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * mean_sos.shape[1], 1 + 0.4 * mean_sos.shape[0]))
+    image = ax.imshow(mean_sos, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(mean_sos.shape[1]))
+    ax.set_yticks(range(mean_sos.shape[0]))
+    ax.set_title("[EOS] attention on [SOS] (mean)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_eos_row(row: dict, path: Path) -> None:
+    """Bar per token: the last layer's head-mean [EOS] attention over the question's tokens."""
+    plt = _pyplot()
+    tokens = [token.replace("</w>", "") for token in row["tokens"]]
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(tokens)), 3.5))
+    ax.bar(range(len(tokens)), row["last_layer_eos_row"], color="tab:purple")
+    ax.set_xticks(range(len(tokens)))
+    ax.set_xticklabels(tokens, rotation=60, ha="right", fontsize="small")
+    ax.set_ylabel("attention of [EOS]")
+    ax.set_ylim(0, 1)
+    ax.set_title(row["text"], fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
