@@ -1,21 +1,29 @@
-"""`python -m litelvlm.cli validate --config configs/demo.yaml`: LightningCLI over the module and data."""
+"""`python -m litelvlm.cli validate --config configs/demo.yaml`: LightningCLI over the module and data.
+
+Every run records each scored mask in its run folder (SampleRecords); `--resume RUN_DIR` re-opens
+that folder and evaluates only what is not recorded yet.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import yaml
 from jsonargparse import set_loader
 from lightning.pytorch.cli import LightningCLI
 
 from litelvlm.data.datamodule import ReferringDataModule
-from litelvlm.engine.callbacks import EvaluationReport
+from litelvlm.engine.callbacks import EvaluationReport, SampleRecords
 from litelvlm.engine.module import ReferringSegmentationModule
+from litelvlm.engine.records import MANIFEST_FILE, records_folder
 from litelvlm.errors import LitelvlmError
 from litelvlm.pruners import PrunerError, resolve_pruner_class
 
 PARSER_MODE = "litelvlm_yaml"
 PRUNER_KEYS = {"pruner", "pruners"}
+NULLS = {"null", "Null", "NULL", "None"}  # YAML/jsonargparse spellings of no value
 
 
 def _pruner_class_path(name: str) -> str:
@@ -48,14 +56,60 @@ def _load_yaml(text: str):
 
 
 def _expand_pruner_flag(args: list[str]) -> list[str]:
-    """`--model.pruner fastv` (or `=fastv`) on the command line -> the pruner's class path."""
+    """Pruner short names on the command line -> class paths.
+
+    `--model.pruner fastv` (or `=fastv`); `--model.pruners '[{class_path: fastv, init_args: ...}, ...]'`.
+    `--model.pruner null` clears a config's pruner (to sweep over it with `--model.pruners`).
+    """
     out = list(args)
     for index, arg in enumerate(out):
-        if arg == "--model.pruner" and index + 1 < len(out) and _is_name(out[index + 1]):
-            out[index + 1] = _pruner_class_path(out[index + 1])
-        elif arg.startswith("--model.pruner=") and _is_name(arg.split("=", 1)[1]):
-            out[index] = "--model.pruner=" + _pruner_class_path(arg.split("=", 1)[1])
+        flag, has_equals, value = arg.partition("=")
+        if flag not in ("--model.pruner", "--model.pruners"):
+            continue
+        if not has_equals:
+            if index + 1 >= len(out):
+                continue
+            value = out[index + 1]
+        if flag == "--model.pruner":
+            expanded = _pruner_class_path(value) if _is_name(value) and value not in NULLS else value
+        else:
+            loaded = _load_yaml(value)
+            expanded = json.dumps(_expand_pruner_names(loaded, "pruners")) if isinstance(loaded, list) else value
+        if has_equals:
+            out[index] = f"{flag}={expanded}"
+        else:
+            out[index + 1] = expanded
     return out
+
+
+def _expand_resume_flag(args: list[str]) -> list[str]:
+    """`--resume RUN_DIR` -> the logger arguments that make RUN_DIR this run's folder again.
+
+    The run then finds its own records there and evaluates only what is missing (SampleRecords).
+    """
+    out, run_dir = [], None
+    iterator = iter(args)
+    for arg in iterator:
+        if arg == "--resume":
+            run_dir = next(iterator, None)
+            if run_dir is None:
+                raise LitelvlmError("--resume needs the run folder to resume (the one holding records/)")
+        elif arg.startswith("--resume="):
+            run_dir = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+    if run_dir is None:
+        return out
+    run = Path(run_dir).expanduser()
+    if not (records_folder(run) / MANIFEST_FILE).is_file():
+        raise LitelvlmError(f"--resume {run_dir}: no run to resume there (no records/{MANIFEST_FILE})")
+    if records_folder(run) == run:  # given the records folder itself
+        run = run.parent
+    version = run.name.removeprefix("version_") if run.name.startswith("version_") else run.name
+    if run.name.isdigit():
+        raise LitelvlmError(f"--resume {run_dir}: a run folder named by digits alone is ambiguous to the logger")
+    logger = "--trainer.logger.init_args."
+    return out + [f"{logger}save_dir", str(run.parent), f"{logger}name", "", f"{logger}version", version]
 
 
 def _is_name(value: str) -> bool:
@@ -86,13 +140,13 @@ class LitelvlmCLI(LightningCLI):
 def main(args: list[str] | None = None) -> LitelvlmCLI | None:
     try:
         if args is None:  # from the command line: LightningCLI reads sys.argv itself
-            sys.argv[1:] = _expand_pruner_flag(sys.argv[1:])
+            sys.argv[1:] = _expand_resume_flag(_expand_pruner_flag(sys.argv[1:]))
         else:
-            args = _expand_pruner_flag(args)
+            args = _expand_resume_flag(_expand_pruner_flag(args))
         return LitelvlmCLI(
             ReferringSegmentationModule,
             ReferringDataModule,
-            trainer_defaults={"callbacks": [EvaluationReport()]},
+            trainer_defaults={"callbacks": [SampleRecords(), EvaluationReport()]},
             parser_kwargs={"parser_mode": PARSER_MODE},
             save_config_kwargs={"overwrite": True},
             args=args,

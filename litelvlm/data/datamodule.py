@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
@@ -13,21 +16,41 @@ from litelvlm.data.synthetic import ensure_demo_data
 
 
 class ProcessedDataset(Dataset):
-    """Applies the model's processor per item, so the work happens in the loader's workers."""
+    """Applies the model's processor per item, so the work happens in the loader's workers.
+
+    Items in `recorded` (scored by an earlier attempt of a resumed run) come back as placeholders,
+    unloaded: the loader still walks the same batches as an uninterrupted run, so batch limits and
+    sharding mean the same, but nothing is loaded or evaluated twice.
+    """
 
     def __init__(self, samples: Dataset, processor) -> None:
         self.samples = samples
         self.processor = processor
+        self.recorded: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
+        if index in self.recorded:
+            return {"placeholder": True}
         sample = self.samples[index]
         if sample is None:  # skip mode: the data set recorded why, in this (worker) process
             reasons = [item.as_dict() for item in self.samples.skipped if item.index == index]
             return {"skipped": reasons[-1] if reasons else {"index": index, "reason": "skipped"}}
         return self.processor(sample)
+
+
+class CollateSkippingPlaceholders:
+    """The processor's collate, minus placeholder items; a batch of only placeholders is an empty
+    list (nothing to score). A class, not a closure, so loader workers can pickle it."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[dict]):
+        items = [item for item in items if "placeholder" not in item]
+        return self.collate(items) if items else []
 
 
 class ReferringDataModule(L.LightningDataModule):
@@ -145,9 +168,31 @@ class ReferringDataModule(L.LightningDataModule):
             shuffle=False,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=self.processor.collate,
+            collate_fn=CollateSkippingPlaceholders(self.processor.collate),
             persistent_workers=self.num_workers > 0,
         )
+
+    def skip_recorded(self, split_index: int, sample_ids: set[int]) -> None:
+        """Leave out samples an earlier attempt of this run already recorded (resume); before the loaders are built."""
+        if self.datasets is None:
+            self.setup()
+        self.datasets[split_index].recorded = frozenset(sample_ids)
+
+    def fingerprint(self) -> dict:
+        """What this module evaluates, so a resumed run can check it is still the same data.
+
+        Per split: its name, number of items and a hash of every item's (sample id, image id,
+        sentence ids); plus the knobs that shape prompts. Cheap: read from the index, no image loaded.
+        """
+        if self.datasets is None:
+            self.setup()
+        splits = []
+        for name, samples in zip(self.split_names, self.all_samples):
+            digest = hashlib.sha256()
+            for index, item in enumerate(_item_identities(samples)):
+                digest.update(json.dumps([index, *item]).encode())
+            splits.append({"split": name, "num_items": len(samples), "sha256": digest.hexdigest()})
+        return {"protocol": self.protocol, "max_sentences": self.max_sentences, "seed": self.seed, "splits": splits}
 
     def skipped_in(self, split_index: int = 0) -> list[dict]:
         """Samples of a split left out in skip mode while indexing; load-time skips reach the module in batches."""
@@ -167,3 +212,16 @@ class ReferringDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loaders()
+
+
+def _item_identities(samples) -> list[tuple[str, list[str]]]:
+    """(image id, sentence ids) of every item of an indexed split (`ReferringRecordDataset`)."""
+    records, items = getattr(samples, "records", None), getattr(samples, "items", None)
+    if records is None or items is None:  # a data set without an index: only its size identifies it
+        return [("", [])] * len(samples)
+    identities = []
+    for record_index, positions in items:
+        record = records[record_index]
+        pool = record.pooled_sentences()
+        identities.append((str(record.image_id), [str(pool[position][1]) for position in positions]))
+    return identities

@@ -232,9 +232,9 @@ class PixelGroundingLVLM(nn.Module):
             self.clip_tokenizer, texts, max_length=self.config.text.max_length
         )
         b, t, length = input_ids.shape
-        out = self.text_tower(
-            input_ids=input_ids.view(b * t, length).to(device), attention_mask=attention_mask.view(b * t, length).to(device)
-        )
+        # On meta (FLOP counting) a padding mask has no values to read; attention costs the same without it.
+        key_mask = None if device.type == "meta" else attention_mask.view(b * t, length).to(device)
+        out = self.text_tower(input_ids=input_ids.view(b * t, length).to(device), attention_mask=key_mask)
         return out.text_embeds.float().view(b, t, -1), text_mask.to(device)
 
     # ------------------------------------------------------------------ prompt
@@ -252,7 +252,8 @@ class PixelGroundingLVLM(nn.Module):
         r = visual_embeds.shape[1]
         n = self.num_patches
         is_image = input_ids == IMAGE_TOKEN_INDEX
-        if not bool((is_image.sum(1) == 1).all()):
+        # Meta tensors (FLOP counting of the full-size architecture) hold no values to check.
+        if not input_ids.is_meta and not bool((is_image.sum(1) == 1).all()):
             raise LitelvlmError("every prompt must contain the image placeholder exactly once")
         image_pos = is_image.int().argmax(1)  # [B]
         text_embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
@@ -265,12 +266,12 @@ class PixelGroundingLVLM(nn.Module):
         in_image = (offset >= 0) & (offset < r)
         # index of each new position's source token in the old sequence (visual slots point at the sentinel)
         source = torch.where(offset < 0, seq, torch.where(in_image, image_pos[:, None], seq - r + 1))
-        embeds = torch.gather(text_embeds, 1, source[..., None].expand(-1, -1, text_embeds.shape[-1])).clone()
+        embeds = torch.gather(text_embeds, 1, source[..., None].expand(-1, -1, text_embeds.shape[-1]))
         visual_index = offset.clamp(0, r - 1)
         visual_embeds = visual_embeds.to(embeds.dtype)
-        embeds[in_image] = torch.gather(visual_embeds, 1, visual_index[..., None].expand(-1, -1, embeds.shape[-1]))[
-            in_image
-        ]
+        spliced_visual = torch.gather(visual_embeds, 1, visual_index[..., None].expand(-1, -1, embeds.shape[-1]))
+        # A select, not a boolean-mask assignment: same values, and shapes that do not depend on data (meta).
+        embeds = torch.where(in_image[..., None], spliced_visual, embeds)
         key_mask = torch.gather(attention_mask, 1, source)
         seg_mask = torch.gather(prompt_positions, 1, source) & ~in_image
         if position_mode == "contiguous":
@@ -308,7 +309,7 @@ class PixelGroundingLVLM(nn.Module):
             raise PrunerError(
                 f"{pruner.name}: layer K={prune_layer} must be in [1, {len(decoder.layers) - 1}] for this LLM"
             )
-        attention_mask = create_causal_mask(decoder.config, state["embeds"], state["key_mask"], cache=None)
+        attention_mask = _causal_mask(decoder.config, state["embeds"], state["key_mask"])
         position_embeddings = decoder.rotary_emb(state["embeds"], position_ids=state["position_ids"])
         hidden = state.pop("embeds")
         visual_counts, lengths = [], []
@@ -318,7 +319,7 @@ class PixelGroundingLVLM(nn.Module):
                 kept = pruner.select_in_llm(last_token_attention)
                 _check_kept(kept, state["visual_positions"].shape[1], pruner)
                 hidden, state = self._drop_visual_tokens(hidden, state, kept, getattr(pruner, "mode", "inplace"))
-                attention_mask = create_causal_mask(decoder.config, hidden, state["key_mask"], cache=None)
+                attention_mask = _causal_mask(decoder.config, hidden, state["key_mask"])
                 position_embeddings = decoder.rotary_emb(hidden, position_ids=state["position_ids"])
             if index == (prune_layer or 0) - 1:
                 last_token_attention = self._last_token_attention(
@@ -347,7 +348,8 @@ class PixelGroundingLVLM(nn.Module):
         b, n_visual = visual_positions.shape
         kept = torch.sort(kept, dim=1).values
         keep_visual = torch.zeros(b, n_visual, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
-        dropped_positions = visual_positions[~keep_visual].view(b, n_visual - kept.shape[1])
+        dropped = _ascending_indices_where(~keep_visual, n_visual - kept.shape[1])
+        dropped_positions = torch.gather(visual_positions, 1, dropped)
         kept_positions = torch.gather(visual_positions, 1, kept)
         state = dict(state)
         if mode == "mask":
@@ -357,7 +359,7 @@ class PixelGroundingLVLM(nn.Module):
         if mode != "inplace":
             raise PrunerError(f"unknown in-LLM pruning mode {mode!r} (expected 'inplace' or 'mask')")
         keep = torch.ones_like(state["key_mask"], dtype=torch.bool).scatter_(1, dropped_positions, False)
-        order = keep.nonzero()[:, 1].view(b, -1)  # row-major, so ascending within each row
+        order = _ascending_indices_where(keep, keep.shape[1] - dropped_positions.shape[1])
         hidden = torch.gather(hidden, 1, order[..., None].expand(-1, -1, hidden.shape[-1]))
         for name in ("key_mask", "position_ids", "seg_mask"):
             state[name] = torch.gather(state[name], 1, order)
@@ -423,8 +425,9 @@ class PixelGroundingLVLM(nn.Module):
     def stage(self, name: str):
         """Context around one stage of the forward, for an observer such as the efficiency profiler.
 
-        Stages: clip_vision, clip_text, pruner_select, llm_prefill, sam_image_encoder, sam_decoder.
-        Without an observer this is a no-op.
+        Stages: clip_vision, clip_text, pruner_select, llm_prefill, sam_image_encoder, sam_decoder;
+        `llm_decoder` (the decoder layers alone) is nested inside llm_prefill. Without an observer
+        this is a no-op.
         """
         return self.stage_observer(name) if self.stage_observer is not None else contextlib.nullcontext()
 
@@ -469,12 +472,17 @@ class PixelGroundingLVLM(nn.Module):
             selected = torch.gather(patch_features, 1, kept[..., None].expand(-1, -1, patch_features.shape[-1]))
             visual_embeds = self.mm_projector(selected)
             inputs = self.splice_visual_tokens(batch, visual_embeds, kept, pruner.position_ids)
-            hidden, trace = self.run_decoder(inputs, pruner)
+            with self.stage("llm_decoder"):  # nested: the decoder layers alone, without the projector
+                hidden, trace = self.run_decoder(inputs, pruner)
         with self.stage("sam_decoder"):
             seg_mask = trace["seg_mask"]
-            seg_states = hidden[seg_mask]  # row-major: sample by sample, in prompt order
-            counts = seg_mask.sum(1).tolist()
             expected = [m.shape[0] for m in batch.gt_masks]
+            if seg_mask.is_meta:  # shape-only run (FLOP counting): one [SEG] state per mask, values unknown
+                counts = expected
+                seg_states = hidden.new_empty(sum(counts), hidden.shape[-1])
+            else:
+                seg_states = hidden[seg_mask]  # row-major: sample by sample, in prompt order
+                counts = seg_mask.sum(1).tolist()
             if counts != expected:
                 raise LitelvlmError(f"prompts hold {counts} [SEG] tokens per sample but the batch has {expected} masks")
             seg_embeddings = self.text_hidden_fcs(seg_states).split(counts)
@@ -505,11 +513,28 @@ def _check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:
     """A pruner's answer must be R distinct in-range indices per sample; anything else is a bug."""
     if kept.dim() != 2 or kept.dtype not in (torch.int64, torch.int32):
         raise PrunerError(f"{pruner.name} must return a LongTensor [B, R], got {tuple(kept.shape)} {kept.dtype}")
+    if kept.is_meta:  # shape-only run (FLOP counting): there are no values to check
+        return
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n):
         raise PrunerError(f"{pruner.name} returned indices outside [0, {n})")
     sorted_kept = torch.sort(kept, dim=1).values
     if kept.shape[1] > 1 and bool((sorted_kept[:, 1:] == sorted_kept[:, :-1]).any()):
         raise PrunerError(f"{pruner.name} returned a repeated index")
+
+
+def _ascending_indices_where(mask: Tensor, count: int) -> Tensor:
+    """Column indices of the True entries of each row of `mask` [B, L], ascending: [B, count].
+
+    Every row must hold exactly `count` Trues. A stable sort rather than `nonzero`, so that the
+    output shape does not depend on the values and the code also runs on the meta device.
+    """
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count].contiguous()
+
+
+def _causal_mask(config, hidden: Tensor, key_mask: Tensor):
+    """The decoder's causal + padding mask. On meta (FLOP counting) the padding has no values, so
+    the mask is the plain causal one: attention costs the same either way."""
+    return create_causal_mask(config, hidden, None if hidden.is_meta else key_mask, cache=None)
 
 
 def _cls_attention(query: Tensor, key: Tensor, num_heads: int) -> Tensor:

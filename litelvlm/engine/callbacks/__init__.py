@@ -1,5 +1,7 @@
 """Side concerns of an evaluation run, as Lightning callbacks."""
 
+from litelvlm.engine.callbacks.profiler import EfficiencyProfiler
+from litelvlm.engine.callbacks.records import SampleRecords
 from litelvlm.engine.callbacks.report import EvaluationReport
 
-__all__ = ["EvaluationReport"]
+__all__ = ["EfficiencyProfiler", "EvaluationReport", "SampleRecords"]

@@ -15,16 +15,22 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def format_results_table(rows: list[dict]) -> str:
-    """One line per result row; a split column when rows differ in split, a skipped column when any skipped."""
+    """One line per result row: a split column when rows differ in split, the configuration's name
+    when they differ in configuration (a sweep), a skipped column when any skipped."""
     show_split = len({row.get("split") for row in rows}) > 1
+    show_configuration = len({row.get("configuration") for row in rows}) > 1
     show_skipped = any(row.get("skipped") for row in rows)
-    header = ("split".ljust(18) if show_split else "") + f"{'pruner':<22}{'budget':>8}{'cIoU':>10}{'gIoU':>10}{'samples':>10}"
+    name_width = max([22] + [len(str(row.get("configuration"))) + 2 for row in rows]) if show_configuration else 22
+    header = "split".ljust(18) if show_split else ""
+    header += ("configuration" if show_configuration else "pruner").ljust(name_width)
+    header += f"{'budget':>8}{'cIoU':>10}{'gIoU':>10}{'samples':>10}"
     header += f"{'skipped':>10}" if show_skipped else ""
     lines = [header, "-" * len(header)]
     for row in rows:
         budget = "all" if row["num_tokens"] is None else str(row["num_tokens"])
         line = str(row.get("split")).ljust(18) if show_split else ""
-        line += f"{row['pruner']:<22}{budget:>8}{100 * row['ciou']:>10.2f}{100 * row['giou']:>10.2f}{row['num_samples']:>10d}"
+        line += str(row["configuration"] if show_configuration else row["pruner"]).ljust(name_width)
+        line += f"{budget:>8}{100 * row['ciou']:>10.2f}{100 * row['giou']:>10.2f}{row['num_samples']:>10d}"
         line += f"{len(row.get('skipped') or []):>10d}" if show_skipped else ""
         lines.append(line)
     return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""One pass, many configurations: a sweep gives each configuration exactly the numbers of its own run.
+
+The sweep of configs/sweep_demo.yaml (none, random, FastV, VisPruner, LiteLVLM and its three
+ablations at 192 and 64 tokens) runs once on two demo images; each of its 15 configurations then
+runs alone through configs/demo.yaml on the same images. Metrics and per-mask records must be
+equal, not close: the encoders' outputs do not depend on which pruners share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from litelvlm.cli import main
+from litelvlm.engine.records import metrics_from_records, read_records
+from litelvlm.engine.sweep import SweepError, SweepGrid, collect_pruners, configuration_names
+from litelvlm.pruners import build_pruner
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+SWEEP_DEMO = str(REPO / "configs" / "sweep_demo.yaml")
+SAME_DATA = ("--trainer.limit_val_batches", "1", "--data.batch_size", "2", "--data.max_sentences", "2")
+QUIET = ("--trainer.enable_progress_bar", "false")
+EXPECTED_NAMES = ["none"] + [
+    f"{strategy}@{budget}"
+    for budget in (192, 64)
+    for strategy in ("random", "fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity")
+]
+
+
+def run_cli(save_dir: Path, *args: str) -> tuple[dict | list, Path, str]:
+    """Run the CLI in-process; return results.json, the run folder and stdout."""
+    stdout = io.StringIO()
+    with mock.patch.object(sys, "argv", ["litelvlm.cli"]), contextlib.redirect_stdout(stdout):
+        main(["validate", *args, *QUIET, "--trainer.logger.init_args.save_dir", str(save_dir)])
+    (found,) = save_dir.rglob("results.json")
+    return json.loads(found.read_text()), found.parent, stdout.getvalue()
+
+
+def record_rows(run_dir: Path, configuration: str) -> list[tuple]:
+    table = read_records(run_dir).to_pylist()
+    keys = ("split", "sample_id", "image_id", "sentence_id", "mask_index", "intersection", "union", "retained_tokens")
+    return sorted(tuple(row[key] for key in keys) for row in table if row["configuration"] == configuration)
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    return run_cli(tmp_path_factory.mktemp("sweep"), "--config", SWEEP_DEMO, *SAME_DATA)
+
+
+# ------------------------------------------------------------------------------ the sweep itself
+def test_sweep_demo_results_are_one_object_per_configuration(sweep_run):
+    results, _, _ = sweep_run
+    assert isinstance(results, list)
+    assert [row["configuration"] for row in results] == EXPECTED_NAMES
+    for row in results:
+        assert row["num_samples"] == 4  # 2 images x 2 sentences
+        expected_tokens = 576 if row["configuration"] == "none" else row["num_tokens"]
+        assert row["visual_tokens"] == expected_tokens
+        assert {"pruner", "num_tokens", "ciou", "giou", "num_samples"} <= set(row)
+    fastv = next(row for row in results if row["configuration"] == "fastv@64")
+    assert (fastv["pruner"], fastv["num_tokens"], fastv["layer"], fastv["mode"]) == ("fastv", 64, 2, "inplace")
+
+
+def test_sweep_prints_one_table_line_per_configuration(sweep_run):
+    results, _, stdout = sweep_run
+    assert re.search(r"^configuration\s+budget\s+cIoU\s+gIoU\s+samples\s*$", stdout, re.MULTILINE), stdout
+    for row in results:
+        budget = "all" if row["num_tokens"] is None else str(row["num_tokens"])
+        line = rf"^{re.escape(row['configuration'])}\s+{budget}\s+{100 * row['ciou']:.2f}\s+{100 * row['giou']:.2f}\s+4\s*$"
+        assert re.search(line, stdout, re.MULTILINE), (line, stdout)
+
+
+def test_sweep_logs_each_configuration_under_its_own_name(sweep_run):
+    results, run_dir, _ = sweep_run
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    logged = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    for row in results:
+        name = row["configuration"]
+        assert logged[f"val/{name}/ciou"] == [pytest.approx(row["ciou"], abs=1e-7)]
+        assert logged[f"val/{name}/giou"] == [pytest.approx(row["giou"], abs=1e-7)]
+        assert logged[f"val/{name}/visual_tokens"] == [row["visual_tokens"]]
+    assert "val/ciou" not in logged
+
+
+def test_metrics_recomputed_from_the_records_equal_the_logged_ones_exactly(sweep_run):
+    results, run_dir, _ = sweep_run
+    recomputed = {row["configuration"]: row for row in metrics_from_records(run_dir)}
+    assert len(read_records(run_dir)) == 15 * 4  # every mask under every configuration, once
+    for row in results:
+        again = recomputed[row["configuration"]]
+        assert (again["ciou"], again["giou"], again["num_masks"]) == (row["ciou"], row["giou"], row["num_samples"])
+        # cIoU is the ratio of the integer sums, as plain Python computes it.
+        rows = [r for r in read_records(run_dir).to_pylist() if r["configuration"] == row["configuration"]]
+        assert row["ciou"] == sum(r["intersection"] for r in rows) / sum(r["union"] for r in rows)
+        assert row["giou"] == pytest.approx(sum(r["intersection"] / r["union"] if r["union"] else 1.0 for r in rows) / 4, abs=1e-9)
+
+
+def _single_run_args(configuration: str) -> list[str]:
+    name, _, budget = configuration.partition("@")
+    return ["--model.pruner", name] + (["--model.pruner.num_tokens", budget] if budget else [])
+
+
+def test_sweep_equals_separate_single_pruner_runs_of_the_demo(sweep_run, tmp_path):
+    results, sweep_dir, _ = sweep_run
+    for row in results:
+        name = row["configuration"]
+        single, single_dir, _ = run_cli(tmp_path / name, "--config", DEMO, *_single_run_args(name), *SAME_DATA)
+        assert isinstance(single, dict)  # a single-pruner run still writes one object
+        assert (single["pruner"], single["num_tokens"]) == (row["pruner"], row["num_tokens"])
+        assert (single["ciou"], single["giou"], single["num_samples"]) == (row["ciou"], row["giou"], row["num_samples"]), name
+        assert record_rows(single_dir, single["configuration"]) == record_rows(sweep_dir, name), name
+
+
+# ------------------------------------------------------------------------------ building sweeps
+def test_grid_expands_budget_by_budget_after_the_listed_pruners():
+    pruners = collect_pruners(None, [build_pruner("none")], SweepGrid(strategies=["fastv", "litelvlm"], budgets=[192, 64]))
+    assert configuration_names(pruners) == ["none", "fastv@192", "litelvlm@192", "fastv@64", "litelvlm@64"]
+    assert [p.num_tokens for p in pruners] == [None, 192, 192, 64, 64]
+
+
+def test_grid_strategies_take_knobs_but_not_the_budget():
+    grid = SweepGrid(strategies=[{"class_path": "fastv", "init_args": {"layer": 1, "mode": "mask"}}], budgets=[32])
+    (fastv,) = grid.expand()
+    assert (fastv.num_tokens, fastv.prune_layer, fastv.mode) == (32, 1, "mask")
+    with pytest.raises(SweepError, match="num_tokens"):
+        SweepGrid(strategies=[{"class_path": "fastv", "init_args": {"num_tokens": 3}}], budgets=[32]).expand()
+    with pytest.raises(SweepError, match="takes no budget"):
+        SweepGrid(strategies=["none"], budgets=[32]).expand()
+    with pytest.raises(SweepError, match="at least one"):
+        SweepGrid(strategies=["fastv"], budgets=[]).expand()
+
+
+def test_names_show_the_knobs_that_tell_two_configurations_apart():
+    pruners = [
+        build_pruner("litelvlm", num_tokens=64, text_source="question"),
+        build_pruner("litelvlm", num_tokens=64, text_source="expression"),
+        build_pruner("fastv", num_tokens=64, mode="mask"),
+    ]
+    assert configuration_names(pruners) == [
+        "litelvlm@64[text_source=question]",
+        "litelvlm@64[text_source=expression]",
+        "fastv@64",
+    ]
+    seeded = [build_pruner("random", num_tokens=64, seed=0), build_pruner("random", num_tokens=64, seed=1)]
+    assert configuration_names(seeded) == ["random@64[seed=0]", "random@64[seed=1]"]
+    with pytest.raises(SweepError, match="configurations 1 and 2 are the same"):
+        configuration_names([build_pruner("fastv", num_tokens=64), build_pruner("fastv", num_tokens=64)])
+
+
+def test_pruner_and_pruners_together_is_one_clear_error(tmp_path, capsys):
+    config = tmp_path / "both.yaml"
+    config.write_text(yaml.safe_dump({"model": {"pruners": [{"class_path": "fastv"}]}}))
+    with pytest.raises(SystemExit) as exit_info, mock.patch.object(sys, "argv", ["litelvlm.cli"]):
+        main(["validate", "--config", DEMO, "--config", str(config), *SAME_DATA, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in stderr
+    assert "litelvlm: error: give either model.pruner" in stderr
+
+
+def test_command_line_sweep_over_the_demo_config(tmp_path):
+    results, _, _ = run_cli(
+        tmp_path, "--config", DEMO, "--model.pruner", "null", "--model.pruners", "[{class_path: none}]",
+        "--model.sweep.strategies", "[random]", "--model.sweep.budgets", "[50]", *SAME_DATA,
+    )  # fmt: skip
+    assert [row["configuration"] for row in results] == ["none", "random@50"]
+    assert [row["visual_tokens"] for row in results] == [576, 50]
+
+
+# ------------------------------------------------------------------------------ the paper's grid
+GRIDS = [("glamm_refseg_grid", "glamm", "bin"), ("lisa_7b_grid", "lisa", "safetensors")]
+
+
+@pytest.mark.parametrize(("name", "kind", "fmt"), GRIDS, ids=[grid[0] for grid in GRIDS])
+def test_experiment_grid_runs_as_is_on_a_released_format_checkpoint(tmp_path, name, kind, fmt):
+    """experiments/<model>_grid.yaml: 25 configurations on the 8 standard splits; here on one split
+    of original-layout data with a released-format checkpoint (random weights), one batch."""
+    from fixtures_checkpoints import write_released_checkpoint
+    from test_data_original import write_original_layout
+
+    config = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+    assert config["data"]["splits"] == [
+        "refcoco/val", "refcoco/testA", "refcoco/testB", "refcoco+/val", "refcoco+/testA", "refcoco+/testB",
+        "refcocog/val", "refcocog/test",
+    ]  # fmt: skip
+    (fastv,) = [item for item in config["model"]["sweep"]["strategies"] if isinstance(item, dict)]
+    assert fastv == {"class_path": "fastv", "init_args": {"layer": 2, "mode": "inplace"}}
+    fastv["init_args"]["layer"] = 1  # the only change: this fixture's LLM has 2 layers, K must be < 2
+    grid = tmp_path / f"{name}.yaml"
+    grid.write_text(yaml.safe_dump(config))
+    checkpoint = write_released_checkpoint(tmp_path / "checkpoint", kind, fmt=fmt, shards=1)
+    results, _, _ = run_cli(
+        tmp_path / "runs", "--config", str(grid),
+        "--model.checkpoint", str(checkpoint.folder), "--model.dtype", "float32",
+        "--data.data_dir", str(write_original_layout(tmp_path / "data")), "--data.splits", "[refcoco/val]",
+        "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1",
+    )  # fmt: skip
+    budgets = (192, 128, 64, 32)
+    methods = ("fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity")
+    assert [row["configuration"] for row in results] == ["none"] + [f"{m}@{b}" for b in budgets for m in methods]
+    assert all(row["split"] == "refcoco/val" and row["num_samples"] > 0 for row in results)
+    assert {row["visual_tokens"] for row in results if row["num_tokens"] == 32} == {32}
+
+
+def test_a_sweep_over_several_splits_reports_every_split_and_configuration(tmp_path):
+    results, run_dir, _ = run_cli(
+        tmp_path, "--config", DEMO, "--model.pruner", "null", "--model.pruners",
+        "[{class_path: none}, {class_path: fastv, init_args: {num_tokens: 64}}]", "--data.splits", "[val, test]", *SAME_DATA,
+    )  # fmt: skip
+    assert [(row["split"], row["configuration"]) for row in results] == [
+        ("val", "none"), ("val", "fastv@64"), ("test", "none"), ("test", "fastv@64"),
+    ]  # fmt: skip
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    for row in results:
+        (logged,) = [event.value for event in accumulator.Scalars(f"val/{row['split']}/{row['configuration']}/ciou")]
+        assert logged == pytest.approx(row["ciou"], abs=1e-7)
+    recomputed = {(row["split"], row["configuration"]): row["ciou"] for row in metrics_from_records(run_dir)}
+    assert recomputed == {(row["split"], row["configuration"]): row["ciou"] for row in results}

@@ -1,0 +1,278 @@
+"""Compare configurations from the per-sample records of one or more runs, with honest uncertainty.
+
+    python tools/compare.py RUN_DIR [RUN_DIR ...] [--baseline CONFIG] [--out DIR]
+                            [--bootstrap 1000] [--seed 0] [--confidence 0.95]
+
+Per split and configuration: cIoU and gIoU (exactly the numbers the run logged, recomputed from
+its records) with bootstrap intervals that resample IMAGES (the unit the data was drawn in; the
+sentences of an image are not independent), and, against `--baseline`, the paired difference
+on the masks both evaluated, with its interval from the same resamples. Two methods whose
+difference interval spans 0 are not shown apart by this data.
+
+Writes compare.md (the table, also printed), compare.csv (fractions, not percent) and
+ciou_vs_tokens.png (cIoU against retained visual tokens, one line per method, one panel per
+split) into --out (default: the first run folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from litelvlm.engine.records import read_manifest, read_records
+from litelvlm.engine.scores import iou_from_scores
+from litelvlm.errors import LitelvlmError
+
+CSV_COLUMNS = [
+    "split", "configuration", "method", "num_tokens", "retained_tokens", "num_images", "num_masks",
+    "ciou", "ciou_low", "ciou_high", "giou", "giou_low", "giou_high",
+    "baseline", "num_paired_masks", "delta_ciou", "delta_ciou_low", "delta_ciou_high",
+    "delta_giou", "delta_giou_low", "delta_giou_high",
+]  # fmt: skip
+
+
+class CompareError(LitelvlmError):
+    """Runs that cannot be compared as asked (no records, an unknown baseline, ...)."""
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_runs(runs: Sequence[str | Path]) -> tuple[pa.Table, dict[str, dict]]:
+    """All runs' records in one table, and each configuration's knobs (from the run manifests).
+
+    A configuration name that occurs in several runs is prefixed with its run (`parent/run:name`).
+    """
+    tables, per_run = [], []
+    for run in runs:
+        manifest = read_manifest(run)
+        table = read_records(run)
+        if manifest is None or table.num_rows == 0:
+            raise CompareError(f"{run}: no records there (records/manifest.json and part files)")
+        knobs = {item["name"]: item for item in manifest["configurations"]}
+        per_run.append((Path(run), table, knobs))
+    counts: dict[str, int] = {}
+    for _, table, knobs in per_run:
+        for name in knobs:
+            counts[name] = counts.get(name, 0) + 1
+    all_knobs: dict[str, dict] = {}
+    for run, table, knobs in per_run:
+        label = f"{run.resolve().parent.name}/{run.resolve().name}"
+        rename = {name: (f"{label}:{name}" if counts[name] > 1 else name) for name in knobs}
+        if any(new in all_knobs for new in rename.values()):
+            raise CompareError(f"{run}: configuration names clash with another run's even with the run prefixed")
+        column = [rename[name] for name in table["configuration"].to_pylist()]
+        tables.append(table.set_column(table.schema.get_field_index("configuration"), "configuration", pa.array(column)))
+        all_knobs.update({rename[name]: item for name, item in knobs.items()})
+    return pa.concat_tables(tables), all_knobs
+
+
+def method_of(configuration: str) -> str:
+    """The method a configuration belongs to: its name without the budget (`litelvlm@192` -> `litelvlm`)."""
+    return re.sub(r"@\d+", "", configuration)
+
+
+# ------------------------------------------------------------------------------------ statistics
+def _per_image(rows: dict[str, np.ndarray], images: dict[str, int]) -> np.ndarray:
+    """[4, n_images]: per image, the sums of intersections, unions, per-mask IoUs, and the mask count."""
+    index = np.array([images[image] for image in rows["image_id"]], dtype=np.int64)
+    intersection, union = rows["intersection"].astype(np.float64), rows["union"].astype(np.float64)
+    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+    return np.stack([np.bincount(index, weights=w, minlength=len(images)) for w in (intersection, union, iou, np.ones_like(iou))])
+
+
+def _statistics(weights: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cIoU and gIoU of each resample (weights [B, n_images]: how often each image was drawn)."""
+    intersection, union, iou, count = weights @ sums.T[:, 0], weights @ sums.T[:, 1], weights @ sums.T[:, 2], weights @ sums.T[:, 3]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, intersection / union, 0.0), np.where(count > 0, iou / count, np.nan)
+
+
+def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.nanpercentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def compare(
+    table: pa.Table,
+    knobs: dict[str, dict] | None = None,
+    baseline: str | None = None,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[dict]:
+    """One row per (split, configuration): point estimates, bootstrap intervals, paired differences.
+
+    Resamples draw images with replacement, the same draws for every configuration of a split (so
+    differences are paired); the generator is seeded per split, so a result is reproducible.
+    """
+    knobs = knobs or {}
+    columns = {name: np.array(table[name].to_pylist()) for name in ("split", "configuration", "image_id", "sentence_id")}
+    for name in ("intersection", "union", "retained_tokens"):
+        columns[name] = np.array(table[name].to_pylist(), dtype=np.int64)
+    configurations = list(dict.fromkeys(columns["configuration"].tolist()))
+    if baseline is not None and baseline not in configurations:
+        raise CompareError(f"baseline '{baseline}' is not among the configurations: {', '.join(configurations)}")
+    results = []
+    for split_index, split in enumerate(dict.fromkeys(columns["split"].tolist())):
+        in_split = columns["split"] == split
+        images = {image: index for index, image in enumerate(sorted(set(columns["image_id"][in_split].tolist())))}
+        rng = np.random.default_rng([seed, split_index])
+        weights = rng.multinomial(len(images), np.full(len(images), 1 / len(images)), size=num_bootstrap).astype(np.float64)
+        by_configuration = {
+            name: {key: value[in_split & (columns["configuration"] == name)] for key, value in columns.items()}
+            for name in configurations
+        }
+        for name in configurations:
+            rows = by_configuration[name]
+            if len(rows["split"]) == 0:
+                continue
+            point = iou_from_scores(rows["intersection"].tolist(), rows["union"].tolist(), rows["retained_tokens"].tolist())
+            ciou_samples, giou_samples = _statistics(weights, _per_image(rows, images))
+            item = knobs.get(name, {})
+            result = {
+                "split": split,
+                "configuration": name,
+                "method": method_of(name),
+                "num_tokens": item.get("num_tokens"),
+                "retained_tokens": point["visual_tokens"],
+                "num_images": len(set(rows["image_id"].tolist())),
+                "num_masks": point["num_masks"],
+                "ciou": point["ciou"],
+                "giou": point["giou"],
+            }
+            result["ciou_low"], result["ciou_high"] = _interval(ciou_samples, confidence)
+            result["giou_low"], result["giou_high"] = _interval(giou_samples, confidence)
+            if baseline is not None:
+                result.update(_paired(rows, by_configuration[baseline], images, weights, confidence), baseline=baseline)
+            results.append(result)
+    return results
+
+
+def _paired(rows: dict, base_rows: dict, images: dict[str, int], weights: np.ndarray, confidence: float) -> dict:
+    """Configuration minus baseline on the masks both scored (matched by image and sentence)."""
+    keys = list(zip(rows["image_id"].tolist(), rows["sentence_id"].tolist()))
+    base_keys = list(zip(base_rows["image_id"].tolist(), base_rows["sentence_id"].tolist()))
+    if len(set(keys)) != len(keys) or len(set(base_keys)) != len(base_keys):
+        raise CompareError("a (image, sentence) pair is scored twice in one configuration; cannot pair masks")
+    common = set(keys) & set(base_keys)
+    if not common:
+        return {"num_paired_masks": 0}
+    mine = {key: value[[k in common for k in keys]] for key, value in rows.items()}
+    theirs = {key: value[[k in common for k in base_keys]] for key, value in base_rows.items()}
+    point_mine = iou_from_scores(mine["intersection"].tolist(), mine["union"].tolist())
+    point_theirs = iou_from_scores(theirs["intersection"].tolist(), theirs["union"].tolist())
+    ciou_mine, giou_mine = _statistics(weights, _per_image(mine, images))
+    ciou_theirs, giou_theirs = _statistics(weights, _per_image(theirs, images))
+    delta = {"num_paired_masks": len(common)}
+    delta["delta_ciou"] = point_mine["ciou"] - point_theirs["ciou"]
+    delta["delta_giou"] = point_mine["giou"] - point_theirs["giou"]
+    delta["delta_ciou_low"], delta["delta_ciou_high"] = _interval(ciou_mine - ciou_theirs, confidence)
+    delta["delta_giou_low"], delta["delta_giou_high"] = _interval(giou_mine - giou_theirs, confidence)
+    return delta
+
+
+# ------------------------------------------------------------------------------------ outputs
+def _percent(value, low=None, high=None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    text = f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+    return text if low is None else f"{text} [{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def to_markdown(results: list[dict], confidence: float = 0.95) -> str:
+    with_baseline = any("baseline" in row for row in results)
+    level = f"{round(100 * confidence)}%"
+    header = ["split", "configuration", "tokens", "masks", f"cIoU [{level} CI]", f"gIoU [{level} CI]"]
+    if with_baseline:
+        baseline = next(row["baseline"] for row in results if "baseline" in row)
+        header += [f"ΔcIoU vs {baseline}", f"ΔgIoU vs {baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results:
+        cells = [
+            row["split"],
+            row["configuration"],
+            f"{row['retained_tokens']:.0f}",
+            str(row["num_masks"]),
+            _percent(row["ciou"], row["ciou_low"], row["ciou_high"]),
+            _percent(row["giou"], row["giou_low"], row["giou_high"]),
+        ]
+        if with_baseline:
+            cells += [
+                _percent(row.get("delta_ciou"), row.get("delta_ciou_low"), row.get("delta_ciou_high"), signed=True),
+                _percent(row.get("delta_giou"), row.get("delta_giou_low"), row.get("delta_giou_high"), signed=True),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """cIoU (with its interval) against retained tokens, one line per method, one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(dict.fromkeys(row["split"] for row in results))
+    figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+    for axis, split in zip(axes[0], splits):
+        rows = [row for row in results if row["split"] == split]
+        for method in dict.fromkeys(row["method"] for row in rows):
+            points = sorted((row for row in rows if row["method"] == method), key=lambda row: row["retained_tokens"])
+            x = [row["retained_tokens"] for row in points]
+            y = np.array([100 * row["ciou"] for row in points])
+            error = np.array([[100 * (row["ciou"] - row["ciou_low"]) for row in points], [100 * (row["ciou_high"] - row["ciou"]) for row in points]])
+            lines = axis.errorbar(x, y, yerr=np.clip(error, 0, None), marker="o", capsize=3, label=method)
+            if len(points) == 1 and points[0]["num_tokens"] is None:  # the unpruned reference, across the plot
+                axis.axhline(y[0], linestyle="--", linewidth=1, color=lines[0].get_color())
+        axis.set_title(split)
+        axis.set_xlabel("retained visual tokens")
+        axis.set_ylabel("cIoU (%)")
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each holding records/)")
+    parser.add_argument("--baseline", help="configuration every other one is compared with, e.g. none")
+    parser.add_argument("--out", type=Path, help="where to write compare.md/.csv/ciou_vs_tokens.png (default: first run)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--confidence", type=float, default=0.95)
+    args = parser.parse_args(argv)
+    try:
+        table, knobs = load_runs(args.runs)
+        results = compare(table, knobs, args.baseline, args.bootstrap, args.seed, args.confidence)
+    except LitelvlmError as error:
+        print(f"compare: error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or args.runs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(results, args.confidence)
+    (out / "compare.md").write_text(markdown + "\n")
+    write_csv(results, out / "compare.csv")
+    plot(results, out / "ciou_vs_tokens.png")
+    print(markdown)
+    print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'ciou_vs_tokens.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
