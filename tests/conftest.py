@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -37,3 +38,29 @@ def demo_batch(private_cache):
     data = ReferringDataModule(batch_size=2)
     data.setup()
     return next(iter(data.val_dataloader()))
+
+
+@contextlib.contextmanager
+def sam_image_cache(model):
+    """Memoise SAM's image encoder for pixel inputs it has already seen, to keep these tests fast.
+
+    The image embeddings depend on the image alone (never on prompts, pruning or the LLM), and the
+    cache answers only for a bit-identical input, so every forward computes what it would without it.
+    """
+    encoder = model.sam.vision_encoder
+    forward = encoder.forward
+    seen: list = []
+
+    def cached(pixel_values, *args, **kwargs):
+        for key, value in seen:
+            if key.shape == pixel_values.shape and key.dtype == pixel_values.dtype and torch.equal(key, pixel_values):
+                return value
+        value = forward(pixel_values, *args, **kwargs)
+        seen.append((pixel_values.clone(), value))
+        return value
+
+    encoder.forward = cached
+    try:
+        yield
+    finally:
+        del encoder.forward

@@ -6,12 +6,12 @@ only from the model's own trace.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from types import SimpleNamespace
 
 import pytest
+from conftest import sam_image_cache
 import torch
 import torch.nn.functional as F
 
@@ -28,32 +28,6 @@ from litelvlm.pruners import (
 )
 
 PRE_LLM_PRUNERS = ["litelvlm", "similarity-only", "context-only", "reversed-similarity", "vispruner", "random"]
-
-
-@contextlib.contextmanager
-def sam_image_cache(model):
-    """Memoise SAM's image encoder for pixel inputs it has already seen, to keep these tests fast.
-
-    The image embeddings depend on the image alone (never on prompts, pruning or the LLM), and the
-    cache answers only for a bit-identical input, so every forward computes what it would without it.
-    """
-    encoder = model.sam.vision_encoder
-    forward = encoder.forward
-    seen: list = []
-
-    def cached(pixel_values, *args, **kwargs):
-        for key, value in seen:
-            if key.shape == pixel_values.shape and key.dtype == pixel_values.dtype and torch.equal(key, pixel_values):
-                return value
-        value = forward(pixel_values, *args, **kwargs)
-        seen.append((pixel_values.clone(), value))
-        return value
-
-    encoder.forward = cached
-    try:
-        yield
-    finally:
-        del encoder.forward
 
 
 @pytest.fixture(scope="module", autouse=True)

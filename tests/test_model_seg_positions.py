@@ -8,9 +8,9 @@ the ORIGINAL prompt positions, before the image splice) and watch which masks mo
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
+from conftest import sam_image_cache
 import torch
 
 from litelvlm.pruners import FastV, NoPruning, RandomPruner
@@ -18,32 +18,6 @@ from litelvlm.pruners import FastV, NoPruning, RandomPruner
 PRUNERS = {"none": lambda: NoPruning(), "random-64": lambda: RandomPruner(num_tokens=64)}
 UNCHANGED = 1e-6  # relative to the mask's largest |logit| (random SAM logits are of order 1e-5)
 CHANGED = 1e-5  # changes seen are >= 1e-4; unaffected masks are bit-identical
-
-
-@contextlib.contextmanager
-def sam_image_cache(model):
-    """Memoise SAM's image encoder for pixel inputs it has already seen, to keep these tests fast.
-
-    The image embeddings depend on the image alone (never on prompts, pruning or the LLM), and the
-    cache answers only for a bit-identical input, so every forward computes what it would without it.
-    """
-    encoder = model.sam.vision_encoder
-    forward = encoder.forward
-    seen: list = []
-
-    def cached(pixel_values, *args, **kwargs):
-        for key, value in seen:
-            if key.shape == pixel_values.shape and key.dtype == pixel_values.dtype and torch.equal(key, pixel_values):
-                return value
-        value = forward(pixel_values, *args, **kwargs)
-        seen.append((pixel_values.clone(), value))
-        return value
-
-    encoder.forward = cached
-    try:
-        yield
-    finally:
-        del encoder.forward
 
 
 @pytest.fixture(scope="module", autouse=True)
