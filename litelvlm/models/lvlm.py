@@ -110,6 +110,7 @@ def sam_config(config: LVLMConfig) -> SamConfig:
         num_hidden_layers=s.mask_decoder_layers,
         num_attention_heads=s.mask_decoder_heads,
         iou_head_hidden_dim=s.iou_head_hidden_dim,
+        layer_norm_eps=1e-5,  # segment-anything's two-way transformer uses nn.LayerNorm's default
     )
     return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
