@@ -222,8 +222,15 @@ class PixelGroundingLVLM(nn.Module):
         )
         return F.linear(normed, self.vision_tower.visual_projection.weight.float())
 
-    def encode_text(self, texts: list[list[str]]) -> tuple[Tensor, Tensor]:
-        """Projected CLIP text embeddings [B, T, P] (float32) and the real-slot mask [B, T]."""
+    def encode_text(self, texts: list[list[str]], pooling: str = "eos") -> tuple[Tensor, Tensor]:
+        """Projected CLIP text embeddings [B, T, P] (float32) and the real-slot mask [B, T].
+
+        `pooling`: `eos` (the reference: CLIP's projected [EOS] state) or `mean` (the mean of the
+        content tokens' final states, between [SOS] and [EOS], through the same final layer norm
+        and projection: the text attention-sink ablation of method.md).
+        """
+        if pooling not in ("eos", "mean"):
+            raise PrunerError(f"text_pooling must be 'eos' or 'mean', got {pooling!r}")
         if self.text_tower is None or self.clip_tokenizer is None:
             raise PrunerError("this pruner needs CLIP text embeddings, but the model has no CLIP text tower")
         from litelvlm.models.tokenizer import tokenize_questions
@@ -235,8 +242,25 @@ class PixelGroundingLVLM(nn.Module):
         b, t, length = input_ids.shape
         # On meta (FLOP counting) a padding mask has no values to read; attention costs the same without it.
         key_mask = None if device.type == "meta" else attention_mask.view(b * t, length).to(device)
-        out = self.text_tower(input_ids=input_ids.view(b * t, length).to(device), attention_mask=key_mask)
-        return out.text_embeds.float().view(b, t, -1), text_mask.to(device)
+        out = self.text_tower(
+            input_ids=input_ids.view(b * t, length).to(device),
+            attention_mask=key_mask,
+            output_hidden_states=pooling == "mean",
+        )
+        if pooling == "eos":
+            return out.text_embeds.float().view(b, t, -1), text_mask.to(device)
+        real = attention_mask.view(b * t, length).to(device).bool()
+        eos_position = real.long().sum(1) - 1
+        content = real.clone()
+        content[:, 0] = False  # [SOS]
+        content[torch.arange(b * t, device=device), eos_position] = False  # [EOS]
+        content[eos_position <= 1, 1] = True  # no content token (empty text): fall back to the token after [SOS]
+        final_states = out.hidden_states[-1]  # the encoder's output, before the final layer norm
+        weights = content.to(final_states.dtype)[..., None]
+        mean_state = (final_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        text_model = self.text_tower.text_model
+        pooled = self.text_tower.text_projection(text_model.final_layer_norm(mean_state))
+        return pooled.float().view(b, t, -1), text_mask.to(device)
 
     # ------------------------------------------------------------------ prompt
     def splice_visual_tokens(
@@ -443,11 +467,12 @@ class PixelGroundingLVLM(nn.Module):
         signals.sample_ids = batch.sample_ids
         text_embeds = {}
         for pruner in pruners:
-            source = getattr(pruner, "text_source", "question")
-            if Signal.TEXT_EMBEDS in pruner.required_signals and source not in text_embeds:
+            key = _text_key(pruner)
+            if Signal.TEXT_EMBEDS in pruner.required_signals and key not in text_embeds:
+                source, pooling = key
                 texts = batch.expressions if source == "expression" else batch.questions
                 with self.stage("clip_text"):
-                    text_embeds[source] = self.encode_text(texts)
+                    text_embeds[key] = self.encode_text(texts, pooling)
         with self.stage("sam_image_encoder"):
             sam_image_embeddings = self.encode_sam_image(batch.sam_pixel_values)
         return SharedEncodings(patch_features, signals, text_embeds, sam_image_embeddings)
@@ -461,10 +486,10 @@ class PixelGroundingLVLM(nn.Module):
                 kept = torch.arange(n, device=patch_features.device).expand(patch_features.shape[0], n)
             else:
                 signals = shared.signals
-                source = getattr(pruner, "text_source", "question")
-                if source in shared.text_embeds:
+                key = _text_key(pruner)
+                if key in shared.text_embeds:
                     signals = replace(signals)
-                    signals.text_embeds, signals.text_mask = shared.text_embeds[source]
+                    signals.text_embeds, signals.text_mask = shared.text_embeds[key]
                 kept = pruner.select(signals).to(patch_features.device)
                 _check_kept(kept, n, pruner)
                 if pruner.kept_order == "raster":
@@ -506,8 +531,13 @@ class SharedEncodings:
 
     patch_features: Tensor  # [B, N, D]
     signals: VisualSignals  # without text embeddings: those are per text source
-    text_embeds: dict[str, tuple[Tensor, Tensor]]  # text source -> ([B, T, P], text_mask [B, T])
+    text_embeds: dict[tuple[str, str], tuple[Tensor, Tensor]]  # (source, pooling) -> ([B, T, P], text_mask [B, T])
     sam_image_embeddings: Tensor  # [B, C, h, w]
+
+
+def _text_key(pruner: TokenPruner) -> tuple[str, str]:
+    """Which text embeddings a pruner reads: (text source, pooling); pruners without the knobs get the reference's."""
+    return getattr(pruner, "text_source", "question"), getattr(pruner, "text_pooling", "eos")
 
 
 def _check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:

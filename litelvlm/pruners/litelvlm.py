@@ -23,6 +23,7 @@ from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, Signal, T
 from litelvlm.pruners.registry import register_pruner
 
 TextSource = Literal["question", "expression"]
+TextPooling = Literal["eos", "mean"]
 SimilarityPick = Literal["lowest", "highest"]
 FillBy = Literal["context", "min_similarity"]
 
@@ -55,6 +56,9 @@ class LiteLVLM(TokenPruner):
         text_source: which text the model sends through the CLIP text tower: `question` (the full
             question of the user turn, as the reference) or `expression` (the bare referring
             expression). Read by the model; the pruner only sees the resulting embeddings.
+        text_pooling: `eos` (the projected [EOS] state, as the reference) or `mean` (the mean of
+            the content tokens' final states through the same final norm and projection: tests
+            whether the [EOS] attention sink matters). Read by the model.
         kept_order, position_ids: see `TokenPruner`; applied by the model.
     """
 
@@ -66,6 +70,7 @@ class LiteLVLM(TokenPruner):
         self,
         num_tokens: int = 192,
         text_source: TextSource = "question",
+        text_pooling: TextPooling = "eos",
         kept_order: KeptOrder = "reference",
         position_ids: PositionIds = "contiguous",
     ) -> None:
@@ -73,6 +78,9 @@ class LiteLVLM(TokenPruner):
         if text_source not in ("question", "expression"):
             raise PrunerError(f"text_source must be 'question' or 'expression', got {text_source!r}")
         self.text_source = text_source
+        if text_pooling not in ("eos", "mean"):
+            raise PrunerError(f"text_pooling must be 'eos' or 'mean', got {text_pooling!r}")
+        self.text_pooling = text_pooling
 
     @property
     def uses_text(self) -> bool:
@@ -129,10 +137,10 @@ class LiteLVLM(TokenPruner):
         return torch.cat([fill, similarity_set])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, text_source={self.text_source}"
+        return f"{super().extra_repr()}, text_source={self.text_source}, text_pooling={self.text_pooling}"
 
     def hparams(self) -> dict:
-        return {**super().hparams(), "text_source": self.text_source}
+        return {**super().hparams(), "text_source": self.text_source, "text_pooling": self.text_pooling}
 
 
 @register_pruner("similarity-only")
