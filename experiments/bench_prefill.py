@@ -30,17 +30,17 @@ import os
 import random
 import statistics
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from litelvlm.engine.callbacks.profiler import StageFlopCounter, StageTimer, observing
+from litelvlm.engine.strategies import Strategy, efficiency_strategies
 from litelvlm.models.batch import GroundingBatch
 from litelvlm.models.config import CLIPTextSpec, CLIPVisionSpec, LLMSpec, LVLMConfig
 from litelvlm.models.lvlm import IMAGE_TOKEN_INDEX, PixelGroundingLVLM
 from litelvlm.models.prompts import build_glamm_prompt
-from litelvlm.pruners import TokenPruner, build_pruner
 
 FULL_DEPTH = 32  # LLaMA-7B's layers
 TEXT_TOKENS = 126
@@ -50,32 +50,8 @@ BUDGETS = (576, 192, 64)
 OVERHEAD_STAGES = ("clip_text", "pruner_select")
 
 
-@dataclass(frozen=True)
-class Strategy:
-    pruner: str
-    num_tokens: int
-    mode: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.pruner}-{self.mode}" if self.mode else self.pruner
-
-    def build(self) -> TokenPruner:
-        if self.pruner == "none":
-            return build_pruner("none")
-        return build_pruner(self.pruner, num_tokens=self.num_tokens, **({"mode": self.mode} if self.mode else {}))
-
-
 def strategies(budgets=BUDGETS) -> list[Strategy]:
-    rows = [Strategy("none", 576)]
-    for budget in budgets:
-        rows += [
-            Strategy("fastv", budget, "inplace"),
-            Strategy("fastv", budget, "mask"),
-            Strategy("vispruner", budget),
-            Strategy("litelvlm", budget),
-        ]
-    return rows
+    return efficiency_strategies(budgets, baseline_tokens=576)
 
 
 def bench_config(layers: int) -> LVLMConfig:

@@ -39,11 +39,12 @@ from litelvlm.engine.callbacks.profiler import (
     llm_kv_geometry,
     observing,
 )
+from litelvlm.engine.strategies import Strategy, efficiency_strategies
 from litelvlm.models.batch import GroundingBatch
 from litelvlm.models.config import LVLMConfig
 from litelvlm.models.lvlm import IMAGE_TOKEN_INDEX, PixelGroundingLVLM
 from litelvlm.models.prompts import build_glamm_prompt
-from litelvlm.pruners import TokenPruner, VisualSignals, build_pruner
+from litelvlm.pruners import TokenPruner, VisualSignals
 
 DEFAULT_SENTENCES = ("the man in the red shirt", "the dog on the left", "the white car behind the bus")
 DEFAULT_TEXT_TOKENS = 126
@@ -70,35 +71,8 @@ STAGE_LABELS = {
 }
 
 
-@dataclass(frozen=True)
-class Strategy:
-    """One row of the table: a registered pruner, its budget and (FastV) its variant."""
-
-    pruner: str
-    num_tokens: int | None = None
-    mode: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.pruner}-{self.mode}" if self.mode else self.pruner
-
-    def build(self) -> TokenPruner:
-        if self.pruner == "none":
-            return build_pruner("none")
-        kwargs = {"mode": self.mode} if self.mode else {}
-        return build_pruner(self.pruner, num_tokens=self.num_tokens, **kwargs)
-
-
 def default_strategies(budgets=BUDGETS) -> list[Strategy]:
-    rows = [Strategy("none")]
-    for budget in budgets:
-        rows += [
-            Strategy("fastv", budget, "inplace"),
-            Strategy("fastv", budget, "mask"),
-            Strategy("vispruner", budget),
-            Strategy("litelvlm", budget),
-        ]
-    return rows
+    return efficiency_strategies(budgets)
 
 
 class HostSelection(TokenPruner):
