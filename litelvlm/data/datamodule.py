@@ -9,7 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from litelvlm.errors import DataError
-from litelvlm.data.records import PROTOCOLS
+from litelvlm.data.records import check_protocol
 from litelvlm.data.sampler import UnpaddedDistributedSampler
 from litelvlm.data.sources import open_referring_dataset
 from litelvlm.data.synthetic import ensure_demo_data
@@ -95,8 +95,7 @@ class ReferringDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if protocol not in PROTOCOLS:
-            raise DataError(f"unknown evaluation protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        check_protocol(protocol)
         self.data_dir = data_dir
         self.dataset_name = dataset
         self.split = split

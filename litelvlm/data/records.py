@@ -34,6 +34,11 @@ def choose_sentences(num_sentences: int, max_sentences: int | None, seed: int, i
 PROTOCOLS = ("glamm", "per-sentence", "all-sentences")
 
 
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise DataError(f"unknown evaluation protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
 def protocol_items(
     records: list[ReferringImageRecord], protocol: str, max_sentences: int | None, seed: int
 ) -> list[tuple[int, list[int]]]:
@@ -45,8 +50,7 @@ def protocol_items(
     - `all-sentences`: every sentence of every ref, in conversations of up to `max_sentences`
       consecutive sentences (None: all of an image's sentences in one).
     """
-    if protocol not in PROTOCOLS:
-        raise DataError(f"unknown evaluation protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     items = []
     for record_index, record in enumerate(records):
         count = record.num_sentences
@@ -127,8 +131,7 @@ class ReferringRecordDataset(torch.utils.data.Dataset):
     def __init__(self, max_sentences: int | None = 3, seed: int = 0, protocol: str = "glamm"):
         if max_sentences is not None and max_sentences < 1:
             raise DataError(f"max_sentences must be >= 1 or None (all sentences), got {max_sentences}")
-        if protocol not in PROTOCOLS:
-            raise DataError(f"unknown evaluation protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        check_protocol(protocol)
         self.max_sentences = max_sentences
         self.seed = seed
         self.protocol = protocol
