@@ -182,6 +182,21 @@ def format_rows(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average, where the platform has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def warn_if_loaded(load_before: float | None, device: str) -> None:
+    """Other work on the machine skews CPU timings: say how busy it was, and warn when it was busy."""
+    if load_before is None:
+        return
+    load_after, cpus = load_average(), os.cpu_count() or 1
+    print(f"load average: {load_before:.2f} before, {load_after:.2f} after ({cpus} CPUs)")
+    if device == "cpu" and (load_before > cpus / 2 or load_after > cpus + 0.5):  # ours adds ~threads
+        print("WARNING: other processes competed for the CPUs during this run; its timings are not reliable.")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=3, help="LLM decoder layers at the 7B width (default 3; >= 3)")
@@ -196,13 +211,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--repeats and --warmup must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     results = run_benchmark(args.layers, args.repeats, args.warmup, getattr(torch, args.dtype), args.device)
-    if load_before is not None:  # other work on the machine skews CPU timings; say how busy it was
-        load_after, cpus = os.getloadavg()[0], os.cpu_count() or 1
-        print(f"load average: {load_before:.2f} before, {load_after:.2f} after ({cpus} CPUs)")
-        if args.device == "cpu" and (load_before > cpus / 2 or load_after > cpus + 0.5):  # ours adds ~threads
-            print("WARNING: other processes competed for the CPUs during this run; its timings are not reliable.")
+    warn_if_loaded(load_before, args.device)
     print(
         f"Prefill of the pruned sequence, LLaMA 7B width x {args.layers} layers, random weights, {args.dtype} on "
         f"{args.device} ({torch.get_num_threads()} threads); 126 text tokens + kept visual tokens; pruner overhead "

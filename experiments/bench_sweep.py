@@ -33,7 +33,7 @@ import torch
 from litelvlm.data.datamodule import ReferringDataModule
 from litelvlm.engine.callbacks import SampleRecords
 from litelvlm.engine.module import ReferringSegmentationModule
-from litelvlm.models.config import CLIPTextSpec, CLIPVisionSpec, LLMSpec, SAMSpec
+from litelvlm.models.config import CLIPTextSpec, CLIPVisionSpec, LLMSpec, LVLMConfig, SAMSpec
 from litelvlm.models.loading import load_assets
 from litelvlm.models.lvlm import PixelGroundingLVLM
 from litelvlm.models.tokenizer import special_token_ids
@@ -43,11 +43,10 @@ DEFAULT_CONFIGS = ["none", "fastv@64", "vispruner@64", "litelvlm@64"]
 SAM_B = SAMSpec(hidden_size=768, num_layers=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), mlp_dim=3072)
 
 
-def build_benchmark_model(llm_layers: int, device: torch.device, seed: int = 0) -> PixelGroundingLVLM:
-    """Random weights at real sizes, with the tiny tokenizers (so the demo data feeds it as is)."""
-    assets = load_assets("tiny-glamm")
-    tiny = assets.config
-    config = replace(
+def benchmark_config(llm_layers: int) -> LVLMConfig:
+    """Real sizes (see the module docstring), the tiny tokenizers' vocabularies."""
+    tiny = load_assets("tiny-glamm").config
+    return replace(
         tiny,
         name="bench-clip-l-sam-b-llama-7b-width",
         vision=CLIPVisionSpec(),
@@ -55,6 +54,14 @@ def build_benchmark_model(llm_layers: int, device: torch.device, seed: int = 0) 
         llm=replace(LLMSpec(), num_layers=llm_layers, vocab_size=tiny.llm.vocab_size),
         sam=SAM_B,
     )
+
+
+def build_benchmark_model(
+    llm_layers: int, device: torch.device, seed: int = 0, config: LVLMConfig | None = None
+) -> PixelGroundingLVLM:
+    """Random weights at real sizes (or `config`'s), with the tiny tokenizers (so the demo data feeds it as is)."""
+    assets = load_assets("tiny-glamm")
+    config = config or benchmark_config(llm_layers)
     clip = assets.clip_tokenizer
     pad = clip.pad_token_id if clip.pad_token_id is not None else clip.eos_token_id
     torch.manual_seed(seed)

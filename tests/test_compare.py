@@ -144,3 +144,33 @@ def test_a_name_in_several_runs_is_told_apart_by_its_run(compare_tool, tmp_path)
 def test_unknown_baseline_is_one_clear_line(compare_tool, tmp_path, capsys):
     assert compare_tool.main([str(write_run(tmp_path, HANDMADE)), "--baseline", "fastv@192"]) == 2
     assert "compare: error: baseline 'fastv@192' is not among the configurations: none, fastv@64" in capsys.readouterr().err
+
+
+def test_paired_runs_compare_each_configuration_with_its_namesake(compare_tool, tmp_path, capsys):
+    """Training-free vs fine-tuned: `finetuned:X` is paired with `training-free:X`, budget by budget."""
+    free = write_run(tmp_path / "free", {"none": HANDMADE["none"], "litelvlm@64": HANDMADE["fastv@64"]})
+    tuned = write_run(tmp_path / "tuned", {"none": HANDMADE["fastv@64"], "litelvlm@64": HANDMADE["none"]})
+    out = tmp_path / "out"
+    argv = [str(free), str(tuned), "--labels", "training-free", "finetuned", "--paired-run", "training-free"]
+    assert compare_tool.main(argv + ["--out", str(out), "--bootstrap", "200"]) == 0
+    with open(out / "compare.csv") as handle:
+        rows = {row["configuration"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"training-free:none", "training-free:litelvlm@64", "finetuned:none", "finetuned:litelvlm@64"}
+    assert rows["finetuned:litelvlm@64"]["baseline"] == "training-free:litelvlm@64"
+    assert float(rows["finetuned:litelvlm@64"]["delta_ciou"]) == pytest.approx(NONE_CIOU - FASTV_CIOU, abs=1e-15)
+    assert float(rows["finetuned:none"]["delta_giou"]) == pytest.approx(FASTV_GIOU - NONE_GIOU, abs=1e-9)  # gIoU sums in float32
+    assert rows["training-free:none"]["baseline"] == "" and rows["training-free:none"]["delta_ciou"] == ""
+    assert rows["finetuned:litelvlm@64"]["num_tokens"] == "64"
+    markdown = (out / "compare.md").read_text()
+    assert "| vs | ΔcIoU | ΔgIoU |" in markdown and "| training-free:litelvlm@64 | +6.37 [" in markdown
+    capsys.readouterr()
+
+
+def test_paired_run_needs_labels_and_a_known_label(compare_tool, tmp_path, capsys):
+    free, tuned = write_run(tmp_path / "free", HANDMADE), write_run(tmp_path / "tuned", HANDMADE)
+    assert compare_tool.main([str(free), str(tuned), "--paired-run", "training-free"]) == 2
+    assert "--paired-run needs --labels" in capsys.readouterr().err
+    assert compare_tool.main([str(free), str(tuned), "--labels", "a", "b", "--paired-run", "c"]) == 2
+    assert "--paired-run 'c' is not one of the --labels" in capsys.readouterr().err
+    assert compare_tool.main([str(free), str(tuned), "--labels", "a"]) == 2
+    assert "one distinct label per run" in capsys.readouterr().err

@@ -205,17 +205,18 @@ def test_image_i_does_not_depend_on_how_many_images_are_generated():
 
 
 def test_demo_data_is_generated_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "DEMO_NUM_IMAGES", 2)
+    monkeypatch.setattr(synthetic, "DEMO_SPLITS", tuple((split, seed, 2) for split, seed, _ in synthetic.DEMO_SPLITS))
     monkeypatch.setenv("LITELVLM_CACHE", str(tmp_path))
     folder = ensure_demo_data()
-    assert folder == tmp_path / "synthetic_refcoco_v1"
+    assert folder == tmp_path / "synthetic_refcoco_v2"
     assert sorted(path.name for path in (folder / "data").iterdir()) == [
         "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
         "val-00000-of-00001.parquet",
     ]
     written = (folder / SPLIT_FILE).stat().st_mtime_ns
     assert ensure_demo_data() == folder
     assert (folder / SPLIT_FILE).stat().st_mtime_ns == written
-    assert [path.name for path in tmp_path.iterdir()] == ["synthetic_refcoco_v1"]  # no staging left over
+    assert [path.name for path in tmp_path.iterdir()] == ["synthetic_refcoco_v2"]  # no staging left over
     explicit = ensure_demo_data(tmp_path / "elsewhere")
-    assert explicit == tmp_path / "elsewhere" / "synthetic_refcoco_v1" and explicit.is_dir()
+    assert explicit == tmp_path / "elsewhere" / "synthetic_refcoco_v2" and explicit.is_dir()

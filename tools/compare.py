@@ -1,6 +1,7 @@
 """Compare configurations from the per-sample records of one or more runs, with honest uncertainty.
 
     python tools/compare.py RUN_DIR [RUN_DIR ...] [--baseline CONFIG] [--out DIR]
+                            [--labels LABEL ...] [--paired-run LABEL]
                             [--bootstrap 1000] [--seed 0] [--confidence 0.95]
 
 Per split and configuration: cIoU and gIoU (exactly the numbers the run logged, recomputed from
@@ -8,6 +9,11 @@ its records) with bootstrap intervals that resample IMAGES (the unit the data wa
 sentences of an image are not independent), and, against `--baseline`, the paired difference
 on the masks both evaluated, with its interval from the same resamples. Two methods whose
 difference interval spans 0 are not shown apart by this data.
+
+Runs of the same configurations (training-free vs fine-tuned, two checkpoints): `--labels` names
+each run (`--labels training-free finetuned` gives `finetuned:litelvlm@64`), and `--paired-run
+training-free` compares every configuration with the SAME configuration of that run (the fine-tuned
+`litelvlm@64` with the training-free `litelvlm@64`, and so on per budget).
 
 Writes compare.md (the table, also printed), compare.csv (fractions, not percent) and
 ciou_vs_tokens.png (cIoU against retained visual tokens, one line per method, one panel per
@@ -43,11 +49,14 @@ class CompareError(LitelvlmError):
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_runs(runs: Sequence[str | Path]) -> tuple[pa.Table, dict[str, dict]]:
+def load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None = None) -> tuple[pa.Table, dict[str, dict]]:
     """All runs' records in one table, and each configuration's knobs (from the run manifests).
 
-    A configuration name that occurs in several runs is prefixed with its run (`parent/run:name`).
+    With `labels` (one per run) every configuration is prefixed with its run's label (`label:name`);
+    without, a name that occurs in several runs is prefixed with its run (`parent/run:name`).
     """
+    if labels is not None and (len(labels) != len(runs) or len(set(labels)) != len(labels)):
+        raise CompareError(f"--labels needs one distinct label per run: {len(runs)} runs, labels {list(labels)}")
     tables, per_run = [], []
     for run in runs:
         manifest = read_manifest(run)
@@ -61,15 +70,34 @@ def load_runs(runs: Sequence[str | Path]) -> tuple[pa.Table, dict[str, dict]]:
         for name in knobs:
             counts[name] = counts.get(name, 0) + 1
     all_knobs: dict[str, dict] = {}
-    for run, table, knobs in per_run:
-        label = f"{run.resolve().parent.name}/{run.resolve().name}"
-        rename = {name: (f"{label}:{name}" if counts[name] > 1 else name) for name in knobs}
+    for position, (run, table, knobs) in enumerate(per_run):
+        if labels is not None:
+            rename = {name: f"{labels[position]}:{name}" for name in knobs}
+        else:
+            label = f"{run.resolve().parent.name}/{run.resolve().name}"
+            rename = {name: (f"{label}:{name}" if counts[name] > 1 else name) for name in knobs}
         if any(new in all_knobs for new in rename.values()):
             raise CompareError(f"{run}: configuration names clash with another run's even with the run prefixed")
         column = [rename[name] for name in table["configuration"].to_pylist()]
         tables.append(table.set_column(table.schema.get_field_index("configuration"), "configuration", pa.array(column)))
         all_knobs.update({rename[name]: item for name, item in knobs.items()})
     return pa.concat_tables(tables), all_knobs
+
+
+def paired_baselines(configurations: Sequence[str], paired_label: str) -> dict[str, str]:
+    """`label:name` -> `paired_label:name` for every configuration of the other runs that the paired
+    run also evaluated (configurations named `label:name`, as `load_runs` with labels makes them)."""
+    prefix = f"{paired_label}:"
+    if not any(name.startswith(prefix) for name in configurations):
+        raise CompareError(f"--paired-run '{paired_label}' is not one of the --labels (configurations: {', '.join(configurations)})")
+    mapping = {}
+    for name in configurations:
+        label, _, configuration = name.partition(":")
+        if label != paired_label and f"{prefix}{configuration}" in configurations:
+            mapping[name] = f"{prefix}{configuration}"
+    if not mapping:
+        raise CompareError(f"no configuration of the other runs is also in run '{paired_label}': nothing to pair")
+    return mapping
 
 
 def method_of(configuration: str) -> str:
@@ -102,7 +130,7 @@ def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
 def compare(
     table: pa.Table,
     knobs: dict[str, dict] | None = None,
-    baseline: str | None = None,
+    baseline: str | dict[str, str] | None = None,
     num_bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -111,14 +139,19 @@ def compare(
 
     Resamples draw images with replacement, the same draws for every configuration of a split (so
     differences are paired); the generator is seeded per split, so a result is reproducible.
+    `baseline` is one configuration every other is compared with, or a mapping configuration ->
+    its own baseline (configurations not in it get no difference).
     """
     knobs = knobs or {}
     columns = {name: np.array(table[name].to_pylist()) for name in ("split", "configuration", "image_id", "sentence_id")}
     for name in ("intersection", "union", "retained_tokens"):
         columns[name] = np.array(table[name].to_pylist(), dtype=np.int64)
     configurations = list(dict.fromkeys(columns["configuration"].tolist()))
-    if baseline is not None and baseline not in configurations:
-        raise CompareError(f"baseline '{baseline}' is not among the configurations: {', '.join(configurations)}")
+    if isinstance(baseline, str):
+        baseline = {name: baseline for name in configurations}
+    for name in sorted(set((baseline or {}).values())):
+        if name not in configurations:
+            raise CompareError(f"baseline '{name}' is not among the configurations: {', '.join(configurations)}")
     results = []
     for split_index, split in enumerate(dict.fromkeys(columns["split"].tolist())):
         in_split = columns["split"] == split
@@ -149,8 +182,9 @@ def compare(
             }
             result["ciou_low"], result["ciou_high"] = _interval(ciou_samples, confidence)
             result["giou_low"], result["giou_high"] = _interval(giou_samples, confidence)
-            if baseline is not None:
-                result.update(_paired(rows, by_configuration[baseline], images, weights, confidence), baseline=baseline)
+            if baseline and name in baseline:
+                base = baseline[name]
+                result.update(_paired(rows, by_configuration[base], images, weights, confidence), baseline=base)
             results.append(result)
     return results
 
@@ -187,12 +221,14 @@ def _percent(value, low=None, high=None, signed: bool = False) -> str:
 
 
 def to_markdown(results: list[dict], confidence: float = 0.95) -> str:
-    with_baseline = any("baseline" in row for row in results)
+    baselines = list(dict.fromkeys(row["baseline"] for row in results if "baseline" in row))
+    with_baseline, one_baseline = bool(baselines), len(baselines) == 1
     level = f"{round(100 * confidence)}%"
     header = ["split", "configuration", "tokens", "masks", f"cIoU [{level} CI]", f"gIoU [{level} CI]"]
-    if with_baseline:
-        baseline = next(row["baseline"] for row in results if "baseline" in row)
-        header += [f"ΔcIoU vs {baseline}", f"ΔgIoU vs {baseline}"]
+    if with_baseline and one_baseline:
+        header += [f"ΔcIoU vs {baselines[0]}", f"ΔgIoU vs {baselines[0]}"]
+    elif with_baseline:  # each configuration against its own baseline (paired runs)
+        header += ["vs", "ΔcIoU", "ΔgIoU"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results:
         cells = [
@@ -203,6 +239,8 @@ def to_markdown(results: list[dict], confidence: float = 0.95) -> str:
             _percent(row["ciou"], row["ciou_low"], row["ciou_high"]),
             _percent(row["giou"], row["giou_low"], row["giou_high"]),
         ]
+        if with_baseline and not one_baseline:
+            cells.append(row.get("baseline", ""))
         if with_baseline:
             cells += [
                 _percent(row.get("delta_ciou"), row.get("delta_ciou_low"), row.get("delta_ciou_high"), signed=True),
@@ -252,14 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (each holding records/)")
     parser.add_argument("--baseline", help="configuration every other one is compared with, e.g. none")
+    parser.add_argument("--labels", nargs="+", help="one label per run, prefixed to its configurations (label:name)")
+    parser.add_argument("--paired-run", help="compare each configuration with the same configuration of this labelled run")
     parser.add_argument("--out", type=Path, help="where to write compare.md/.csv/ciou_vs_tokens.png (default: first run)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--confidence", type=float, default=0.95)
     args = parser.parse_args(argv)
     try:
-        table, knobs = load_runs(args.runs)
-        results = compare(table, knobs, args.baseline, args.bootstrap, args.seed, args.confidence)
+        if args.paired_run is not None and (args.labels is None or args.baseline is not None):
+            raise CompareError("--paired-run needs --labels (to name the runs) and excludes --baseline")
+        table, knobs = load_runs(args.runs, args.labels)
+        baseline = args.baseline
+        if args.paired_run is not None:
+            baseline = paired_baselines(list(dict.fromkeys(table["configuration"].to_pylist())), args.paired_run)
+        results = compare(table, knobs, baseline, args.bootstrap, args.seed, args.confidence)
     except LitelvlmError as error:
         print(f"compare: error: {error}", file=sys.stderr)
         return 2

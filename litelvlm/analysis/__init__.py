@@ -3,5 +3,6 @@
 from litelvlm.analysis.attention_sink import TextAttentionSinkStudy
 from litelvlm.analysis.bootstrap import bootstrap_mean
 from litelvlm.analysis.reversal import RULE_PRUNERS, SimilarityReversalStudy
+from litelvlm.analysis.retention import TokenRetentionVisualizer
 
-__all__ = ["RULE_PRUNERS", "SimilarityReversalStudy", "TextAttentionSinkStudy", "bootstrap_mean"]
+__all__ = ["RULE_PRUNERS", "SimilarityReversalStudy", "TextAttentionSinkStudy", "TokenRetentionVisualizer", "bootstrap_mean"]

@@ -4,7 +4,9 @@ The projected [EOS] state is the sentence embedding LiteLVLM compares patches wi
 and every layer and head of the CLIP text tower this takes the [EOS] query's attention row and
 measures its share on [SOS], on the content tokens between them, on itself, and its entropy
 (method.md, "Text attention sink"). Only the text tower's attention is read, from an eager-attention
-copy of it (sdpa returns no probabilities); the LLM is never asked for attention.
+copy of it (sdpa returns no probabilities); the LLM is never asked for attention. That pass is the
+study's own: the model's encodings hold no attention probabilities, so it asks the module for none
+(`required_signals` / `required_text` are empty) and runs the same under `model.encoders_only`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from litelvlm.analysis.reversal import (
     tensorboard_writers,
     unique_sorted,
 )
+from litelvlm.models.batch import GroundingBatch
 
 MEASURES = ("sos", "content", "self", "entropy")
 
@@ -94,6 +97,10 @@ class TextAttentionSinkStudy(L.Callback):
         filename: name of the JSON written beside the logs.
     """
 
+    # Nothing from the module's encoder passes (see the module docstring): the eager pass is the study's own.
+    required_signals: frozenset = frozenset()
+    required_text: frozenset = frozenset()
+
     def __init__(self, num_examples: int = 3, text_source: str = "question", filename: str = "attention_sink.json"):
         super().__init__()
         if text_source not in ("question", "expression"):
@@ -110,7 +117,7 @@ class TextAttentionSinkStudy(L.Callback):
     on_test_epoch_start = _reset
 
     def _measure_batch(self, trainer, pl_module, batch, dataloader_idx: int) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not isinstance(batch, GroundingBatch):  # a list: nothing of it was evaluated
             return
         lvlm = pl_module.lvlm
         if lvlm.text_tower is None or lvlm.clip_tokenizer is None:

@@ -6,14 +6,17 @@ object, the AUROC of low similarity as a predictor of inside, and the referent r
 selection rule at each budget. The rules are the registered pruners, run with the sentence alone as
 text (T = 1), so the study measures exactly what the pruners do.
 
-The callback encodes each batch itself (one extra CLIP pass per batch, under no_grad): the model's
-evaluation path is untouched.
+The study reads the batch's CLIP signals and sentence embeddings from the model's own encoder pass
+(`EvaluatedBatch.shared`: the module computes what `required_signals` / `required_text` declare, so
+CLIP runs once per batch; with `model.encoders_only` nothing else runs). Under a module that hands
+over no encodings it runs the CLIP pass itself, under no_grad.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +29,7 @@ from torchmetrics.functional import auroc
 
 from litelvlm.analysis.bootstrap import bootstrap_mean
 from litelvlm.errors import LitelvlmError
+from litelvlm.models.batch import GroundingBatch
 from litelvlm.models.image_processing import mask_to_clip_patch_coverage
 from litelvlm.pruners.base import Signal, TokenPruner, VisualSignals, top_k_indices
 from litelvlm.pruners.litelvlm import text_similarity
@@ -233,13 +237,39 @@ class SimilarityReversalStudy(L.Callback):
         self.summary: dict | None = None
 
     @property
-    def needs(self) -> frozenset[Signal]:
-        """The union of the signals the rules read, plus the patch embeddings the study itself needs."""
+    def required_signals(self) -> frozenset[Signal]:
+        """The union of the vision signals the rules read, plus the patch embeddings the study itself needs."""
         needs = {Signal.PATCH_EMBEDS}
         for by_budget in self.selectors.values():
             for pruner in by_budget.values():
                 needs |= pruner.required_signals
         return frozenset(needs - {Signal.TEXT_EMBEDS})
+
+    @property
+    def required_text(self) -> frozenset[tuple[str, str]]:
+        """The sentence embeddings compared with the patches: CLIP's projected [EOS] of `text_source`."""
+        return frozenset({(self.text_source, "eos")})
+
+    def batch_signals(self, lvlm, outputs, batch: GroundingBatch) -> VisualSignals:
+        """The batch's signals with the sentence embeddings: the module's (`outputs.shared`) when it
+        computed all of them, else from a CLIP pass of the study's own."""
+        shared = getattr(outputs, "shared", None)
+        (key,) = self.required_text
+        if (
+            shared is not None
+            and key in shared.text_embeds
+            and all(getattr(shared.signals, signal.value) is not None for signal in self.required_signals)
+        ):
+            signals = replace(shared.signals)  # the text fields are this study's, not the shared object's
+            signals.text_embeds, signals.text_mask = shared.text_embeds[key]
+            return signals
+        _, signals = lvlm.encode_image(batch.clip_pixel_values, self.required_signals)
+        signals.text_embeds, signals.text_mask = lvlm.encode_text(self._texts(batch), key[1])
+        signals.sample_ids = batch.sample_ids
+        return signals
+
+    def _texts(self, batch: GroundingBatch) -> list[list[str]]:
+        return batch.questions if self.text_source == "question" else batch.expressions
 
     # ------------------------------------------------------------------ collect
     def _reset(self, trainer, pl_module) -> None:
@@ -249,8 +279,8 @@ class SimilarityReversalStudy(L.Callback):
     on_test_epoch_start = _reset
 
     @torch.no_grad()
-    def _measure_batch(self, trainer, pl_module, batch, dataloader_idx: int) -> None:
-        if trainer.sanity_checking:
+    def _measure_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int) -> None:
+        if trainer.sanity_checking or not isinstance(batch, GroundingBatch):  # a list: nothing of it was evaluated
             return
         lvlm = pl_module.lvlm
         vision = lvlm.config.vision
@@ -258,10 +288,8 @@ class SimilarityReversalStudy(L.Callback):
         too_big = [b for b in self.budgets if b > num_patches]
         if too_big or self.k > num_patches:
             raise StudyError(f"budgets {too_big} / k={self.k} exceed the model's {num_patches} patches")
-        _, signals = lvlm.encode_image(batch.clip_pixel_values, self.needs)
-        texts = batch.questions if self.text_source == "question" else batch.expressions
-        text_embeds, text_mask = lvlm.encode_text(texts)
-        signals.text_embeds, signals.text_mask, signals.sample_ids = text_embeds, text_mask, batch.sample_ids
+        signals = self.batch_signals(lvlm, outputs, batch)
+        texts = self._texts(batch)
         split = split_name(trainer, dataloader_idx)
         for b in range(len(texts)):
             count = len(texts[b])
@@ -282,10 +310,10 @@ class SimilarityReversalStudy(L.Callback):
                 self.z_values.append((row["split"], row["sample_id"], row["sentence"], z))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._measure_batch(trainer, pl_module, batch, dataloader_idx)
+        self._measure_batch(trainer, pl_module, outputs, batch, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._measure_batch(trainer, pl_module, batch, dataloader_idx)
+        self._measure_batch(trainer, pl_module, outputs, batch, dataloader_idx)
 
     # ------------------------------------------------------------------ report
     def _finish(self, trainer, pl_module) -> None:

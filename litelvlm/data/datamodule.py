@@ -1,4 +1,4 @@
-"""The LightningDataModule: a referring-segmentation split, pre-processed for the model it feeds."""
+"""The LightningDataModule: referring-segmentation splits, pre-processed for the model they feed."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from litelvlm.errors import DataError
 from litelvlm.data.records import check_protocol
-from litelvlm.data.sampler import UnpaddedDistributedSampler
+from litelvlm.data.sampler import EpochShuffledSampler, UnpaddedDistributedSampler
 from litelvlm.data.sources import open_referring_dataset
 from litelvlm.data.synthetic import ensure_demo_data
+from litelvlm.data.training import TrainingDataset
 
 
 class ProcessedDataset(Dataset):
@@ -74,7 +75,11 @@ class ReferringDataModule(L.LightningDataModule):
         max_sentences: sentences per prompt (GLaMM: 3; None: all).
         seed: seeds sentence sampling and prompt templates; the same seed, the same prompts.
         on_error: `raise` (default) stops at a bad sample naming it; `skip` leaves it out and the
-            run's results list every skipped sample.
+            run's results list every skipped sample (in training, the next sample takes its place).
+        train_split: the split `fit` trains on, `split` or `dataset/split` (original layout: the
+            refs' `train` split; parquet: that split's files; the demo set has one).
+        max_train_sentences: sentences per training prompt, redrawn every epoch (GLaMM: 3; None:
+            all). LISA-format models train on one sentence per prompt.
     """
 
     def __init__(
@@ -91,10 +96,14 @@ class ReferringDataModule(L.LightningDataModule):
         max_sentences: int | None = 3,
         seed: int = 0,
         on_error: str = "raise",
+        train_split: str = "train",
+        max_train_sentences: int | None = 3,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if max_train_sentences is not None and max_train_sentences < 1:
+            raise DataError(f"max_train_sentences must be >= 1 or None (all sentences), got {max_train_sentences}")
         check_protocol(protocol)
         self.data_dir = data_dir
         self.dataset_name = dataset
@@ -108,9 +117,12 @@ class ReferringDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_sentences = max_sentences
         self.seed = seed
+        self.train_split = train_split
+        self.max_train_sentences = max_train_sentences
         self.datasets: list[Dataset] | None = None
         self.samples = None
         self.processor = None
+        self.train_dataset: TrainingDataset | None = None
 
     @property
     def split_names(self) -> list[str]:
@@ -131,17 +143,35 @@ class ReferringDataModule(L.LightningDataModule):
             protocol=self.protocol,
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets is not None:
-            return
-        from litelvlm.models.loading import load_assets
-        from litelvlm.models.processor import GroundingProcessor
+    def _open_train(self):
+        """The training split, one item per image for GLaMM-format models, per sentence for LISA's."""
+        dataset, _, split = self.train_split.rpartition("/")
+        source = self.data_dir if self.data_dir is not None else ensure_demo_data()
+        return open_referring_dataset(
+            source,
+            dataset=dataset or self.dataset_name,
+            split=split,
+            split_by=self.split_by,
+            max_sentences=self.max_train_sentences,
+            seed=self.seed,
+            on_error=self.on_error,
+            protocol="per-sentence" if self.processor.config.protocol == "lisa" else "glamm",
+        )
 
-        assets = load_assets(self.checkpoint)
-        self.processor = GroundingProcessor(assets.config, assets.llm_tokenizer, seed=self.seed)
-        self.all_samples = [self._open(name) for name in self.split_names]
-        self.samples = self.all_samples[0]
-        self.datasets = [ProcessedDataset(samples, self.processor) for samples in self.all_samples]
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets is None:
+            from litelvlm.models.loading import load_assets
+            from litelvlm.models.processor import GroundingProcessor
+
+            assets = load_assets(self.checkpoint)
+            self.processor = GroundingProcessor(assets.config, assets.llm_tokenizer, seed=self.seed)
+            self.all_samples = [self._open(name) for name in self.split_names]
+            self.samples = self.all_samples[0]
+            self.datasets = [ProcessedDataset(samples, self.processor) for samples in self.all_samples]
+        if stage == "fit" and self.train_dataset is None:
+            self.train_dataset = TrainingDataset(
+                self._open_train(), self.processor.for_training(), self.max_train_sentences, self.seed
+            )
 
     @property
     def dataset(self) -> Dataset:
@@ -168,6 +198,22 @@ class ReferringDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=CollateSkippingPlaceholders(self.processor.collate),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch (seed + epoch); under DDP every rank gets a disjoint shard of the same
+        length (padded by repetition, so all ranks run the same number of steps)."""
+        self.setup("fit")
+        trainer = getattr(self, "trainer", None)
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffledSampler(self.train_dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.train_dataset.processor.collate,
             persistent_workers=self.num_workers > 0,
         )
 

@@ -145,10 +145,16 @@ class ReferringRecordDataset(torch.utils.data.Dataset):
             self._items = protocol_items(self.records, self.protocol, self.max_sentences, self.seed)
         return self._items
 
-    def build_sample(self, index: int) -> ReferringSample:
-        record_index, positions = self.items[index]
+    def build_sample(self, index: int, positions: list[int] | None = None) -> ReferringSample:
+        record_index, item_positions = self.items[index]
         record = self.records[record_index]
+        positions = item_positions if positions is None else positions
         return record_to_sample(record, self.load_image(record), index, positions, self.describe())
+
+    def load(self, index: int, positions: list[int] | None = None) -> ReferringSample | None:
+        """Item `index`, with the pooled sentences at `positions` instead of the item's own when
+        given (training redraws them every epoch). None: skipped (sources with a skip mode)."""
+        return self.build_sample(index, positions)
 
     def describe(self) -> str:
         """The source and split, as errors name them."""
@@ -160,5 +166,5 @@ class ReferringRecordDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> ReferringSample:
-        return self.build_sample(index)
+    def __getitem__(self, index: int) -> ReferringSample | None:
+        return self.load(index)

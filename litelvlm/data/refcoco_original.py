@@ -245,7 +245,7 @@ class OriginalReferringDataset(ReferringRecordDataset):
     Args:
         root: the folder that holds `Refer_Segm/` and `coco_2014/`.
         dataset: refcoco, refcoco+, refcocog or grefcoco.
-        split: e.g. val, testA, testB (refcoco, refcoco+), val, test (refcocog).
+        split: e.g. train (fine-tuning), val, testA, testB (refcoco, refcoco+), val, test (refcocog).
         split_by: the refs file variant; None: unc, except umd for refcocog.
         on_error: "raise" or "skip" (see the module docstring).
     """
@@ -321,11 +321,11 @@ class OriginalReferringDataset(ReferringRecordDataset):
             )
         return image
 
-    def __getitem__(self, index: int) -> ReferringSample | None:
+    def load(self, index: int, positions: list[int] | None = None) -> ReferringSample | None:
         """The sample, or None for a load-time problem in skip mode (the collate drops it)."""
         record = self.records[self.items[index][0]]
         try:
-            return self.build_sample(index)
+            return self.build_sample(index, positions)
         except (FileNotFoundError, CorruptImageError, MalformedSegmentationError) as error:
             message = f"sample {index} of {self.describe()}: {error}"
             if self.on_error == "raise":

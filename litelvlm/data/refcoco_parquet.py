@@ -45,6 +45,10 @@ class CorruptImageError(DataError):
     """A row's image cannot be read or decoded."""
 
 
+class MissingSplitError(DataError, FileNotFoundError):
+    """A local source holds no parquet file of the asked split (e.g. no `train` for fine-tuning)."""
+
+
 def split_files(folder: Path, split: str) -> list[Path]:
     """The parquet files of one split in a local folder, sorted by name (so row order is stable)."""
     patterns = (f"{split}-*.parquet", f"data/{split}-*.parquet", f"{split}/*.parquet")
@@ -53,7 +57,7 @@ def split_files(folder: Path, split: str) -> list[Path]:
         if files:
             return files
     found = sorted(str(path.relative_to(folder)) for path in folder.rglob("*.parquet"))[:10]
-    raise FileNotFoundError(
+    raise MissingSplitError(
         f"no parquet files for split {split!r} in {folder}: looked for "
         f"{', '.join(patterns)}; parquet files present: {found or 'none'}"
     )

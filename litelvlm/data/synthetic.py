@@ -29,9 +29,10 @@ from PIL import Image, ImageDraw
 
 from litelvlm.errors import DataError
 
-DEMO_DATA_NAME = "synthetic_refcoco_v1"
-DEMO_SPLITS = (("val", 0), ("test", 1))  # (split, seed) written by ensure_demo_data
+DEMO_DATA_NAME = "synthetic_refcoco_v2"  # bump the suffix whenever the demo splits change
 DEMO_NUM_IMAGES = 24
+# (split, seed, number of images) written by ensure_demo_data; `train` feeds the fine-tuning demo.
+DEMO_SPLITS = (("val", 0, DEMO_NUM_IMAGES), ("test", 1, DEMO_NUM_IMAGES), ("train", 2, 32))
 
 # The public set's `question`: a fixed captioning instruction, not a referring expression.
 QUESTION = "Please carefully observe the area circled in the image and come up with a caption for the area."
@@ -296,7 +297,7 @@ def generate_synthetic_refcoco(out_dir: str | Path, num_images: int = 24, seed: 
 
 
 def ensure_demo_data(cache_dir: str | Path | None = None) -> Path:
-    """The demo data folder `<root>/synthetic_refcoco_v1`, generated on first use; root is
+    """The demo data folder `<root>/synthetic_refcoco_v2`, generated on first use; root is
     `cache_dir`, else `$LITELVLM_CACHE`, else ~/.cache/litelvlm.
 
     It is written to a temporary folder and renamed into place, so processes that race here (DDP
@@ -309,8 +310,8 @@ def ensure_demo_data(cache_dir: str | Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{DEMO_DATA_NAME}.tmp-", dir=root))
     try:
-        for split, seed in DEMO_SPLITS:
-            generate_synthetic_refcoco(staging, num_images=DEMO_NUM_IMAGES, seed=seed, split=split)
+        for split, seed, num_images in DEMO_SPLITS:
+            generate_synthetic_refcoco(staging, num_images=num_images, seed=seed, split=split)
         staging.chmod(0o755)
         try:
             os.rename(staging, final)

@@ -2,24 +2,49 @@
 
 A run evaluates one pruner, or several (a sweep): per batch the pruner-independent encoders (CLIP
 vision, CLIP text if needed, SAM image encoder) run once, then each configuration selects, runs the
-LLM and decodes its masks. Each (split, configuration) has its own metric.
+LLM and decodes its masks. Each (split, configuration) has its own metric. The encoder pass also
+computes what study callbacks declare (`ReadsEncodings`); with `encoders_only` it is all that runs.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from torch import nn
 
+from litelvlm.engine import finetuned as finetuned_weights
+from litelvlm.engine.finetuning import (
+    FineTuning,
+    build_optimizer,
+    check_precision,
+    seed_from,
+    set_training_modes,
+    training_losses,
+)
 from litelvlm.engine.scores import ExactReferringIoU, MaskScores, score_masks
 from litelvlm.engine.sweep import SweepGrid, collect_pruners, configuration_names
+from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.loading import load_lvlm
-from litelvlm.pruners.base import TokenPruner
+from litelvlm.models.lvlm import SharedEncodings
+from litelvlm.pruners.base import Signal, TokenPruner
 from litelvlm.pruners.simple import NoPruning
+
+
+@runtime_checkable
+class ReadsEncodings(Protocol):
+    """A callback (a study) that reads the batch's CLIP encodings from `EvaluatedBatch.shared`.
+
+    The module adds what it declares to its own encoder passes, so CLIP runs once per batch for the
+    pruners and every such callback together.
+    """
+
+    required_signals: frozenset[Signal]  # vision signals, as a pruner declares them
+    required_text: frozenset[tuple[str, str]]  # CLIP text embeddings by (source, pooling)
 
 
 @dataclass
@@ -28,7 +53,8 @@ class EvaluatedBatch:
 
     Masks are listed sample by sample, in each sample's sentence order. The GroundingOutput fields
     read through to the first configuration, so a callback written for one pruner reads a
-    single-pruner run unchanged.
+    single-pruner run unchanged. `shared` holds the batch's encodings (CLIP signals and text
+    embeddings); in an encoders-only run it is all there is: `outputs` and `scores` are empty.
     """
 
     split: str
@@ -37,9 +63,12 @@ class EvaluatedBatch:
     sentence_ids: list[list[str]]
     outputs: dict[str, GroundingOutput]
     scores: dict[str, MaskScores]
+    shared: SharedEncodings | None = None
 
     @property
     def primary(self) -> GroundingOutput:
+        if not self.outputs:
+            raise LitelvlmError("encoders-only run: no configuration was grounded, so there are no model outputs")
         return next(iter(self.outputs.values()))
 
     @property
@@ -68,7 +97,7 @@ class EvaluatedBatch:
 
 
 class ReferringSegmentationModule(L.LightningModule):
-    """Evaluate pruning strategies on a frozen pixel-grounding LVLM.
+    """Evaluate pruning strategies on a frozen pixel-grounding LVLM, or fine-tune it with the pruner active (`fit`).
 
     Args:
         checkpoint: a model preset with random weights (`tiny-glamm`) or a released checkpoint.
@@ -78,6 +107,11 @@ class ReferringSegmentationModule(L.LightningModule):
         dtype: weights' dtype, `float32`, `bfloat16` or `float16`.
         seg_prompt_position: `before` (reference: the state just before each [SEG] prompts SAM) or `at`.
         seed: seeds the random weights of a preset; the same seed gives the same model everywhere.
+        finetuning: what `fit` trains and how (LoRA, trained modules, optimiser, loss); None: no fit.
+        finetuned: a fit's exported weights (`finetuned.safetensors` or its run folder), loaded onto
+            the frozen base for validate/test and sweeps.
+        encoders_only: validate/test run only the CLIP passes the study callbacks (`ReadsEncodings`)
+            need, and hand them over in `EvaluatedBatch.shared`: no LLM, no SAM, no masks, no IoU.
     """
 
     def __init__(
@@ -89,8 +123,12 @@ class ReferringSegmentationModule(L.LightningModule):
         dtype: str = "float32",
         seg_prompt_position: str = "before",
         seed: int = 0,
+        finetuning: FineTuning | None = None,
+        finetuned: str | None = None,
+        encoders_only: bool = False,
     ) -> None:
         super().__init__()
+        self.encoders_only = encoders_only
         swept = collect_pruners(pruner, pruners, sweep)
         self.is_sweep = swept is not None
         configured = swept if self.is_sweep else [pruner if pruner is not None else NoPruning()]
@@ -98,6 +136,8 @@ class ReferringSegmentationModule(L.LightningModule):
         self.pruners = nn.ModuleList(configured)
         self.pruner = configured[0]  # what `forward` runs; the only one outside a sweep
         model_hparams = {"checkpoint": checkpoint, "dtype": dtype, "seg_prompt_position": seg_prompt_position, "seed": seed}
+        if finetuned is not None:
+            model_hparams["finetuned"] = str(finetuned)
         # The pruners are logged by name and knobs; TensorBoard keeps only the first hparams record.
         if self.is_sweep:
             self.save_hyperparameters(model_hparams | {"configurations": ", ".join(self.configuration_names)})
@@ -105,6 +145,12 @@ class ReferringSegmentationModule(L.LightningModule):
             self.save_hyperparameters(model_hparams | self.pruner.hparams())
         self.lvlm = load_lvlm(checkpoint, dtype=dtype, seed=seed, seg_prompt_position=seg_prompt_position)
         self.lvlm.requires_grad_(False).eval()
+        self.base_identity = finetuned_weights.base_identity(
+            self.lvlm, checkpoint, seed, seg_prompt_position, self.random_weights
+        )
+        self.trained = finetuned_weights.attach(self.lvlm, finetuning, finetuned, self.base_identity)
+        self.finetuning = finetuning
+        self.strict_loading = finetuning is None  # a fit's checkpoints hold the trained tensors only
         for configured_pruner in configured:  # fail now, with a clear message, on a budget out of range
             configured_pruner.budget(self.lvlm.num_patches)
         self.split_names = ["val"]
@@ -119,13 +165,21 @@ class ReferringSegmentationModule(L.LightningModule):
     @property
     def model_identity(self) -> dict:
         """What, besides the pruners, decides this run's numbers: the weights and how they run."""
-        return {key: self.hparams[key] for key in ("checkpoint", "dtype", "seg_prompt_position", "seed")}
+        identity = {key: self.hparams[key] for key in ("checkpoint", "dtype", "seg_prompt_position", "seed")}
+        if self.trained is not None and self.trained.export_digest is not None:
+            identity["finetuned"] = self.trained.export_digest
+        return identity
 
     def forward(self, batch: GroundingBatch) -> GroundingOutput:
         return self.lvlm(batch, self.pruner)
 
     def setup(self, stage: str) -> None:
         """One metric per evaluated split (the data module may hold several) and configuration."""
+        if stage == "fit" and self.finetuning is None:
+            raise LitelvlmError("fit needs model.finetuning (what to train and how); see configs/finetune_demo.yaml")
+        if stage == "fit":  # the frozen parts are in eval mode on purpose (set_training_modes)
+            check_precision(self.hparams.dtype, self.trainer.precision)
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         names = getattr(getattr(self.trainer, "datamodule", None), "split_names", None) or ["val"]
         self.split_names = list(names)
         self.metrics = self._build_metrics()
@@ -169,9 +223,17 @@ class ReferringSegmentationModule(L.LightningModule):
             self._skipped.extend({**item, "split": split} for item in batch)
             return None
         self._skipped.extend({**item, "split": split} for item in batch.skipped)
-        shared = self.lvlm.encode(batch, list(self.pruners))
+        grounded = [] if self.encoders_only else list(self.pruners)  # encoders-only: no pruner runs
+        readers = self._encoding_readers()
+        shared = self.lvlm.encode(
+            batch,
+            grounded,
+            extra_signals=frozenset().union(*(reader.required_signals for reader in readers)),
+            extra_text_keys=[key for reader in readers for key in reader.required_text],
+            for_grounding=bool(grounded),
+        )
         outputs, scores = {}, {}
-        for index, (name, pruner) in enumerate(zip(self.configuration_names, self.pruners)):
+        for index, (name, pruner) in enumerate(zip(self.configuration_names, grounded)):
             output = self.lvlm.ground(batch, shared, pruner)
             score = score_masks(output.mask_logits, batch.gt_masks, output.num_visual_tokens)
             self.metric(split_index, index).update(score.intersection, score.union, score.retained_tokens)
@@ -183,9 +245,18 @@ class ReferringSegmentationModule(L.LightningModule):
             sentence_ids=[list(ids) for ids in batch.sentence_ids],
             outputs=outputs,
             scores=scores,
+            shared=shared,
         )
 
+    def _encoding_readers(self) -> list[ReadsEncodings]:
+        """The trainer's callbacks that read the encodings from the step output (the studies)."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return [callback for callback in callbacks if isinstance(callback, ReadsEncodings)]
+
     def _finish(self, stage: str) -> None:
+        if self.encoders_only:  # no mask was predicted: there is no IoU to log or report
+            self.last_results, self._skipped = None, []
+            return
         skipped = self._all_skipped()
         rows = []
         for split_index, split in enumerate(self.split_names):
@@ -230,8 +301,43 @@ class ReferringSegmentationModule(L.LightningModule):
                 found_at_index += [{**item, "split": name} for item in datamodule.skipped_in(split_index)]
         return found_at_index + sorted(found_at_load, key=lambda item: str(item.get("index")))
 
-    def configure_optimizers(self):  # evaluation only in this module; fine-tuning has its own
-        return None
+    # ------------------------------------------------------------------ fine-tuning (engine/finetuning.py)
+    def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor:
+        losses, output = training_losses(self.lvlm, batch, self.pruner, self.finetuning)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch.batch_size)
+        self.log("train/visual_tokens", float(output.num_visual_tokens), batch_size=batch.batch_size)
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        if self.finetuning is None:  # evaluation only
+            return None
+        trained = [parameter for parameter in self.lvlm.parameters() if parameter.requires_grad]
+        return build_optimizer(trained, self.finetuning, self.trainer.estimated_stepping_batches)
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode during fit; only adapters and trained modules switch."""
+        super().train(mode)
+        if "lvlm" in self._modules:
+            set_training_modes(self.lvlm, getattr(self, "finetuning", None), mode)
+        return self
+
+    def on_train_epoch_start(self) -> None:  # anything drawing the epoch's data order from torch's RNG
+        seed_from(self.finetuning.seed, self.global_rank, self.current_epoch)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:  # the step's dropout
+        seed_from(self.finetuning.seed, self.global_rank, self.current_epoch, batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetuning is not None:
+            finetuned_weights.trim_checkpoint(checkpoint, self.trained.names, self.finetuning, self.base_identity)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetuning is not None:
+            finetuned_weights.check_checkpoint(checkpoint, self.trained.names, self.finetuning, self.base_identity)
+
+    def on_fit_end(self) -> None:
+        finetuned_weights.export_at_fit_end(self.trainer, self.trained, self.base_identity)
 
     @torch.no_grad()
     def predict_step(self, batch: GroundingBatch, batch_idx: int) -> GroundingOutput:

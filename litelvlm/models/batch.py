@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+IGNORE_INDEX = -100  # label of a position without a loss (torch's cross_entropy default ignore_index)
+
 
 @dataclass
 class GroundingBatch:
@@ -28,6 +30,10 @@ class GroundingBatch:
     image_ids: list[str] = field(default_factory=list)
     sentence_ids: list[list[str]] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # samples of this batch the data set skipped
+    # [B, L] next-token targets aligned with input_ids, NOT shifted (the loss shifts): the token id at
+    # each assistant answer token and its closing </s>, IGNORE_INDEX elsewhere (system, user turns,
+    # image sentinel, padding). Training batches only; None in evaluation.
+    labels: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +49,15 @@ class GroundingOutput:
     visual_tokens_per_layer: list[int]  # visual tokens each decoder layer ran on (per sample)
     sequence_length_per_layer: list[int]  # padded sequence length each decoder layer ran on
     seg_hidden_states: Tensor | None = None  # [M, h] final-norm states that prompt SAM, M = sum T_b
+    # Which of the pruner's rules kept each token: [B, R] indices into `group_names`, aligned with
+    # `kept_indices` (pre-LLM pruners) or `llm_kept_indices` (in-LLM pruners).
+    kept_groups: Tensor | None = None
+    group_names: tuple[str, ...] = ()
+    llm_kept_indices: Tensor | None = None  # [B, R] patch indices an in-LLM pruner kept from layer K on, ascending
+    # Training batches only (GroundingBatch.labels set): [B, L', V] LM logits over the sequence the LLM
+    # finally ran on (L' = L - 1 + R, less what an in-LLM pruner dropped) and the labels aligned with it.
+    lm_logits: Tensor | None = None
+    labels: Tensor | None = None
 
     @property
     def num_visual_tokens(self) -> int:

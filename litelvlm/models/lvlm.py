@@ -9,12 +9,14 @@ before each [SEG] -> [SEG] projection -> SAM prompt encoder + mask decoder -> ma
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from transformers import (
     CLIPTextConfig,
@@ -33,7 +35,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from litelvlm.errors import LitelvlmError
-from litelvlm.models.batch import GroundingBatch, GroundingOutput
+from litelvlm.models.batch import IGNORE_INDEX, GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
 
@@ -102,6 +104,9 @@ def sam_config(config: LVLMConfig) -> SamConfig:
         global_attn_indexes=list(s.global_attn_indexes),
         mlp_dim=s.mlp_dim,
         num_pos_feats=s.prompt_dim // 2,
+        # transformers' SamVisionConfig default (1e-10) leaves random-weight presets with an image
+        # encoder whose output is ~0: masks that ignore the image. Released weights overwrite it.
+        initializer_range=0.02,
     )
     prompt = SamPromptEncoderConfig(hidden_size=s.prompt_dim, image_size=s.image_size, patch_size=s.patch_size)
     decoder = SamMaskDecoderConfig(
@@ -158,6 +163,8 @@ class PixelGroundingLVLM(nn.Module):
         self.sam = SamModel(sam_config(config))
         self.clip_tokenizer = None  # set by the loader; tokenises questions for the text tower
         self.stage_observer = None  # callable(stage name) -> context manager; see `stage`
+        # Recompute each decoder layer in backward instead of keeping its activations (fine-tuning only).
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------ vision
     @property
@@ -307,13 +314,18 @@ class PixelGroundingLVLM(nn.Module):
                 offset < 0, seq, torch.where(in_image, image_pos[:, None] + kept_patch, seq - r + n)
             )
         visual_positions = image_pos[:, None] + torch.arange(r, device=device)
-        return {
+        inputs = {
             "embeds": embeds,
             "key_mask": key_mask,
             "position_ids": position_ids,
             "seg_mask": seg_mask,
             "visual_positions": visual_positions,
         }
+        labels = getattr(batch, "labels", None)  # training batches only
+        if labels is not None:  # the R visual slots take the sentinel's place, never predicted
+            labels = torch.gather(labels.to(device), 1, source)
+            inputs["labels"] = labels.masked_fill(in_image, IGNORE_INDEX)
+        return inputs
 
     def _seg_prompt_positions(self, input_ids: Tensor) -> Tensor:
         """Positions whose final hidden state prompts SAM: just before each [SEG] (the references)."""
@@ -339,10 +351,12 @@ class PixelGroundingLVLM(nn.Module):
         hidden = state.pop("embeds")
         visual_counts, lengths = [], []
         last_token_attention = None
+        llm_kept = None
         for index, layer in enumerate(decoder.layers):
             if index == prune_layer:
                 kept = pruner.select_in_llm(last_token_attention)
                 _check_kept(kept, state["visual_positions"].shape[1], pruner)
+                llm_kept = torch.sort(kept, dim=1).values  # the visual tokens layers K.. see, in sequence order
                 hidden, state = self._drop_visual_tokens(hidden, state, kept, getattr(pruner, "mode", "inplace"))
                 attention_mask = _causal_mask(decoder.config, hidden, state["key_mask"])
                 position_embeddings = decoder.rotary_emb(hidden, position_ids=state["position_ids"])
@@ -352,14 +366,18 @@ class PixelGroundingLVLM(nn.Module):
                 )
             visual_counts.append(state["visual_positions"].shape[1])
             lengths.append(hidden.shape[1])
-            hidden = layer(
+            run_layer = layer
+            if self.activation_checkpointing and torch.is_grad_enabled():  # fine-tuning: recompute in backward
+                run_layer = functools.partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
+            hidden = run_layer(
                 hidden,
                 attention_mask=attention_mask,
                 position_ids=state["position_ids"],
                 position_embeddings=position_embeddings,
             )
         hidden = decoder.norm(hidden)
-        return hidden, {"seg_mask": state["seg_mask"], "visual_counts": visual_counts, "lengths": lengths}
+        return hidden, {"seg_mask": state["seg_mask"], "visual_counts": visual_counts, "lengths": lengths,
+                        "llm_kept": llm_kept, "labels": state.get("labels")}
 
     @staticmethod
     def _drop_visual_tokens(hidden: Tensor, state: dict, kept: Tensor, mode: str) -> tuple[Tensor, dict]:
@@ -386,8 +404,9 @@ class PixelGroundingLVLM(nn.Module):
         keep = torch.ones_like(state["key_mask"], dtype=torch.bool).scatter_(1, dropped_positions, False)
         order = _ascending_indices_where(keep, keep.shape[1] - dropped_positions.shape[1])
         hidden = torch.gather(hidden, 1, order[..., None].expand(-1, -1, hidden.shape[-1]))
-        for name in ("key_mask", "position_ids", "seg_mask"):
-            state[name] = torch.gather(state[name], 1, order)
+        for name in ("key_mask", "position_ids", "seg_mask", "labels"):  # labels: training only
+            if name in state:
+                state[name] = torch.gather(state[name], 1, order)
         state["visual_positions"] = torch.searchsorted(order, kept_positions)
         return hidden, state
 
@@ -456,25 +475,44 @@ class PixelGroundingLVLM(nn.Module):
         """
         return self.stage_observer(name) if self.stage_observer is not None else contextlib.nullcontext()
 
-    def encode(self, batch: GroundingBatch, pruners: Sequence[TokenPruner]) -> SharedEncodings:
+    def encode(
+        self,
+        batch: GroundingBatch,
+        pruners: Sequence[TokenPruner],
+        *,
+        extra_signals: frozenset[Signal] = frozenset(),
+        extra_text_keys: Sequence[tuple[str, str]] = (),
+        for_grounding: bool = True,
+    ) -> SharedEncodings:
         """The pruner-independent part of the forward, computed once for any number of pruners.
 
-        Only the signals some pruner declared are computed (text embeddings once per text source).
+        Only the signals some pruner declared are computed (text embeddings once per (source,
+        pooling)). `extra_signals` / `extra_text_keys` add what other readers of the encodings (the
+        studies) need, in the same passes. `for_grounding=False` (an encoders-only run, no `ground`
+        to follow) runs only the CLIP passes asked for: no SAM image encoder, and no vision tower
+        when no vision signal is asked for.
         """
-        needs = frozenset().union(*(pruner.required_signals for pruner in pruners))
-        with self.stage("clip_vision"):
-            patch_features, signals = self.encode_image(batch.clip_pixel_values, needs)
+        needs = frozenset(extra_signals).union(*(pruner.required_signals for pruner in pruners))
+        pruner_text_keys = [_text_key(p) for p in pruners if Signal.TEXT_EMBEDS in p.required_signals]
+        text_keys = dict.fromkeys(pruner_text_keys + list(extra_text_keys))  # each once, in order
+        batch_size = batch.clip_pixel_values.shape[0]
+        patch_features = None
+        signals = VisualSignals(grid=self.config.grid, num_patches=self.num_patches, batch_size=batch_size)
+        if for_grounding or needs - {Signal.TEXT_EMBEDS}:
+            with self.stage("clip_vision"):
+                patch_features, signals = self.encode_image(batch.clip_pixel_values, needs)
         signals.sample_ids = batch.sample_ids
         text_embeds = {}
-        for pruner in pruners:
-            key = _text_key(pruner)
-            if Signal.TEXT_EMBEDS in pruner.required_signals and key not in text_embeds:
-                source, pooling = key
-                texts = batch.expressions if source == "expression" else batch.questions
-                with self.stage("clip_text"):
-                    text_embeds[key] = self.encode_text(texts, pooling)
-        with self.stage("sam_image_encoder"):
-            sam_image_embeddings = self.encode_sam_image(batch.sam_pixel_values)
+        for source, pooling in text_keys:
+            if source not in ("question", "expression"):
+                raise PrunerError(f"text source must be 'question' or 'expression', got {source!r}")
+            texts = batch.expressions if source == "expression" else batch.questions
+            with self.stage("clip_text"):
+                text_embeds[(source, pooling)] = self.encode_text(texts, pooling)
+        sam_image_embeddings = None
+        if for_grounding:
+            with self.stage("sam_image_encoder"):
+                sam_image_embeddings = self.encode_sam_image(batch.sam_pixel_values)
         return SharedEncodings(patch_features, signals, text_embeds, sam_image_embeddings)
 
     def ground(self, batch: GroundingBatch, shared: SharedEncodings, pruner: TokenPruner) -> GroundingOutput:
@@ -484,16 +522,20 @@ class PixelGroundingLVLM(nn.Module):
         with self.stage("pruner_select"):
             if pruner.acts_in_llm:
                 kept = torch.arange(n, device=patch_features.device).expand(patch_features.shape[0], n)
+                groups = None  # set once the LLM has selected
             else:
                 signals = shared.signals
                 key = _text_key(pruner)
                 if key in shared.text_embeds:
                     signals = replace(signals)
                     signals.text_embeds, signals.text_mask = shared.text_embeds[key]
-                kept = pruner.select(signals).to(patch_features.device)
+                kept, groups = pruner.select_with_groups(signals)
+                kept, groups = kept.to(patch_features.device), groups.to(patch_features.device)
                 _check_kept(kept, n, pruner)
+                _check_groups(groups, kept, pruner)
                 if pruner.kept_order == "raster":
-                    kept = torch.sort(kept, dim=1).values
+                    kept, order = torch.sort(kept, dim=1)
+                    groups = torch.gather(groups, 1, order)  # each token keeps its group
         with self.stage("llm_prefill"):
             selected = torch.gather(patch_features, 1, kept[..., None].expand(-1, -1, patch_features.shape[-1]))
             visual_embeds = self.mm_projector(selected)
@@ -513,12 +555,22 @@ class PixelGroundingLVLM(nn.Module):
                 raise LitelvlmError(f"prompts hold {counts} [SEG] tokens per sample but the batch has {expected} masks")
             seg_embeddings = self.text_hidden_fcs(seg_states).split(counts)
             mask_logits = self.decode_masks(batch, shared.sam_image_embeddings, list(seg_embeddings))
+        llm_kept_indices = None
+        if trace["llm_kept"] is not None:  # positions among the visual tokens fed to the LLM -> patch indices
+            llm_kept_indices = torch.gather(kept, 1, trace["llm_kept"])
+            groups = torch.zeros_like(llm_kept_indices)  # an in-LLM selection is one group
         return GroundingOutput(
             mask_logits=mask_logits,
             kept_indices=None if pruner.acts_in_llm else kept,
+            kept_groups=groups,
+            group_names=tuple(pruner.group_names),
+            llm_kept_indices=llm_kept_indices,
             visual_tokens_per_layer=trace["visual_counts"],
             sequence_length_per_layer=trace["lengths"],
             seg_hidden_states=seg_states,
+            # Training batches carry labels: the LM logits and the labels of the sequence the LLM ran on.
+            lm_logits=None if trace["labels"] is None else self.llm.lm_head(hidden),
+            labels=trace["labels"],
         )
 
     def forward(self, batch: GroundingBatch, pruner: TokenPruner) -> GroundingOutput:
@@ -527,12 +579,16 @@ class PixelGroundingLVLM(nn.Module):
 
 @dataclass
 class SharedEncodings:
-    """What every pruner of a batch shares: CLIP features and signals, text embeddings, SAM image embeddings."""
+    """What every pruner of a batch shares: CLIP features and signals, text embeddings, SAM image embeddings.
 
-    patch_features: Tensor  # [B, N, D]
+    An encoders-only `encode` (for_grounding=False) leaves out SAM's embeddings, and the patch
+    features when no vision signal was asked for.
+    """
+
+    patch_features: Tensor | None  # [B, N, D]
     signals: VisualSignals  # without text embeddings: those are per text source
     text_embeds: dict[tuple[str, str], tuple[Tensor, Tensor]]  # (source, pooling) -> ([B, T, P], text_mask [B, T])
-    sam_image_embeddings: Tensor  # [B, C, h, w]
+    sam_image_embeddings: Tensor | None  # [B, C, h, w]
 
 
 def _text_key(pruner: TokenPruner) -> tuple[str, str]:
@@ -551,6 +607,19 @@ def _check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:
     sorted_kept = torch.sort(kept, dim=1).values
     if kept.shape[1] > 1 and bool((sorted_kept[:, 1:] == sorted_kept[:, :-1]).any()):
         raise PrunerError(f"{pruner.name} returned a repeated index")
+
+
+def _check_groups(groups: Tensor, kept: Tensor, pruner: TokenPruner) -> None:
+    """Group labels must align with the kept indices and index into the pruner's `group_names`."""
+    if groups.shape != kept.shape or groups.dtype not in (torch.int64, torch.int32):
+        raise PrunerError(
+            f"{pruner.name} must return group labels as a LongTensor shaped like its kept indices "
+            f"{tuple(kept.shape)}, got {tuple(groups.shape)} {groups.dtype}"
+        )
+    if groups.is_meta or not groups.numel():
+        return
+    if int(groups.min()) < 0 or int(groups.max()) >= len(pruner.group_names):
+        raise PrunerError(f"{pruner.name} returned group labels outside [0, {len(pruner.group_names)}) (its group_names)")
 
 
 def _ascending_indices_where(mask: Tensor, count: int) -> Tensor:

@@ -1,14 +1,21 @@
-"""Prompts of the references' referring-segmentation evaluation, as data plus two small builders.
+"""Prompts of the references' referring segmentation, as data plus small builders.
 
-The templates are the reference's data (GLaMM `dataset/utils/utils.py`, LISA `utils/dataset.py`);
-the conversation is rendered with the vicuna v1 ("llava_v1") template the references evaluate with.
+The templates are the reference's data (GLaMM `dataset/utils/utils.py`, LISA `utils/utils.py` and
+`utils/dataset.py`); the conversation is rendered with the vicuna v1 ("llava_v1") template the
+references train and evaluate with. Each prompt records where its assistant answers are, so
+training can supervise exactly those tokens.
+
+GLaMM trains on the form it evaluates (`ReferSegmDataset.create_conversations` builds both):
+`build_glamm_prompt` serves both, only the sentences and the random source differ. LISA trains on
+one single-round conversation per sentence with its own four question templates
+(`build_lisa_training_prompt`), while its evaluation asks one fixed question (`build_lisa_prompt`).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from litelvlm.errors import LitelvlmError
 
@@ -58,6 +65,14 @@ SEG_ANSWERS: tuple[str, ...] = (
 GLAMM_IMAGE_SENTENCE = "The <image> provides an overview of the picture.\n"
 LISA_QUESTION = "What is {sent} in this image? Please output segmentation mask."
 LISA_ANSWER = "[SEG]."
+# LISA's SHORT_QUESTION_LIST (training), in the reference's order, without its "<image>\n" prefix;
+# LISA's training ANSWER_LIST is GLaMM's SEG_ANSWERS, same order.
+LISA_TRAINING_QUESTIONS: tuple[str, ...] = (
+    "Can you segment the {class_name} in this image?",
+    "Please segment the {class_name} in this image.",
+    "What is {class_name} in this image? Please respond with segmentation mask.",
+    "What is {class_name} in this image? Please output segmentation mask.",
+)
 
 
 class PromptError(LitelvlmError):
@@ -72,6 +87,9 @@ class GroundingPrompt:
     questions: list[str]  # each round's question without the image sentence: CLIP text input
     expressions: list[str]  # the normalised referring expressions, one per mask
     num_masks: int  # = number of [SEG] in `text`
+    # [start, end) character span in `text` of each assistant message with its closing "</s>":
+    # the text a training loss supervises (empty for a prompt that ends with "ASSISTANT:")
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         if self.text.count(IMAGE_PLACEHOLDER) != 1:
@@ -82,6 +100,11 @@ class GroundingPrompt:
             raise PromptError(
                 f"{len(self.questions)} questions and {len(self.expressions)} expressions for {self.num_masks} masks"
             )
+        for start, end in self.answer_spans:
+            if not (0 <= start < end <= len(self.text) and self.text[start:end].endswith(ASSISTANT_SEPARATOR)):
+                raise PromptError(
+                    f"answer span ({start}, {end}) is not an assistant message ending in {ASSISTANT_SEPARATOR}"
+                )
 
 
 def image_text(use_im_start_end: bool = True) -> str:
@@ -94,9 +117,21 @@ def render_llava_v1(rounds: Sequence[tuple[str, str | None]], system: str = VICU
 
     The last assistant message may be None: the prompt then ends with "ASSISTANT:" for generation.
     """
+    return render_llava_v1_with_spans(rounds, system)[0]
+
+
+def render_llava_v1_with_spans(
+    rounds: Sequence[tuple[str, str | None]], system: str = VICUNA_V1_SYSTEM
+) -> tuple[str, list[tuple[int, int]]]:
+    """`render_llava_v1`, plus the [start, end) span of each assistant message and its "</s>".
+
+    These are what the references' training targets keep (their `_process_conversation` masks the
+    system prompt and each "USER: ... ASSISTANT:" instruction, and keeps answer + "</s>").
+    """
     if not rounds:
         raise PromptError("a conversation needs at least one round")
     text = system + USER_SEPARATOR
+    spans = []
     for index, (user_message, assistant_message) in enumerate(rounds):
         text += f"{USER_ROLE}: {user_message}{USER_SEPARATOR}"
         if assistant_message is None:
@@ -104,8 +139,11 @@ def render_llava_v1(rounds: Sequence[tuple[str, str | None]], system: str = VICU
                 raise PromptError(f"round {index} has no assistant message but is not the last round")
             text += f"{ASSISTANT_ROLE}:"
         else:
-            text += f"{ASSISTANT_ROLE}: {assistant_message}{ASSISTANT_SEPARATOR}"
-    return text
+            text += f"{ASSISTANT_ROLE}: "
+            start = len(text)
+            text += f"{assistant_message}{ASSISTANT_SEPARATOR}"
+            spans.append((start, len(text)))
+    return text, spans
 
 
 def normalise_expression(sentence: str) -> str:
@@ -119,7 +157,8 @@ def normalise_expression(sentence: str) -> str:
 def build_glamm_prompt(
     sentences: Sequence[str], rng: random.Random, use_im_start_end: bool = True
 ) -> GroundingPrompt:
-    """GLaMM's evaluation prompt: one conversation, one round per sentence, templates drawn from `rng`.
+    """GLaMM's prompt (evaluation and training): one conversation, one round per sentence,
+    templates drawn from `rng`.
 
     Per round the question template is drawn before the answer, the reference's order.
     """
@@ -132,8 +171,10 @@ def build_glamm_prompt(
         answers.append(rng.choice(SEG_ANSWERS))
     image_sentence = GLAMM_IMAGE_SENTENCE.replace(IMAGE_PLACEHOLDER, image_text(use_im_start_end))
     user_messages = [image_sentence + questions[0], *questions[1:]]
-    text = render_llava_v1(list(zip(user_messages, answers)))
-    return GroundingPrompt(text=text, questions=questions, expressions=expressions, num_masks=len(expressions))
+    text, spans = render_llava_v1_with_spans(list(zip(user_messages, answers)))
+    return GroundingPrompt(
+        text=text, questions=questions, expressions=expressions, num_masks=len(expressions), answer_spans=spans
+    )
 
 
 def build_lisa_prompt(sentence: str, use_im_start_end: bool = True) -> GroundingPrompt:
@@ -143,5 +184,18 @@ def build_lisa_prompt(sentence: str, use_im_start_end: bool = True) -> Grounding
     """
     expression = normalise_expression(sentence)
     question = LISA_QUESTION.format(sent=expression)
-    text = render_llava_v1([(image_text(use_im_start_end) + "\n " + question, LISA_ANSWER)])
-    return GroundingPrompt(text=text, questions=[question], expressions=[expression], num_masks=1)
+    text, spans = render_llava_v1_with_spans([(image_text(use_im_start_end) + "\n " + question, LISA_ANSWER)])
+    return GroundingPrompt(text=text, questions=[question], expressions=[expression], num_masks=1, answer_spans=spans)
+
+
+def build_lisa_training_prompt(sentence: str, rng: random.Random, use_im_start_end: bool = True) -> GroundingPrompt:
+    """LISA's training prompt: one round, "<image>\n" + a drawn LISA question, a drawn answer.
+
+    As LISA's `ReferSegDataset`: question template drawn before the answer; no space after the
+    newline (unlike its evaluation prompt).
+    """
+    expression = normalise_expression(sentence)
+    question = rng.choice(LISA_TRAINING_QUESTIONS).format(class_name=expression)
+    answer = rng.choice(SEG_ANSWERS)
+    text, spans = render_llava_v1_with_spans([(image_text(use_im_start_end) + "\n" + question, answer)])
+    return GroundingPrompt(text=text, questions=[question], expressions=[expression], num_masks=1, answer_spans=spans)

@@ -4,6 +4,10 @@ A pruner declares the signals it needs (`required_signals`); the model computes 
 nothing else. Pre-LLM pruners implement `select(signals)` and return kept patch indices. In-LLM
 pruners set `prune_layer = K` and implement `select_in_llm(attention)`: the model calls it between
 decoder layers K-1 and K and does the dropping (or masking) itself.
+
+Every kept token also carries a group label, an index into the pruner's `group_names` (LiteLVLM's
+similarity-aware vs context-aware tokens, VisPruner's important vs diverse), so a visualiser can
+show which rule kept which patch. A pruner with groups overrides `select_with_groups`.
 """
 
 from __future__ import annotations
@@ -84,8 +88,19 @@ class TokenPruner(nn.Module):
     """
 
     short_name: ClassVar[str] = ""
+    # The labels `select_with_groups` indexes into; one group unless a method tells its rules apart.
+    group_names: ClassVar[tuple[str, ...]] = ("kept",)
     # Pre-LLM pruners leave this None; in-LLM pruners set the layer index K they act before.
     prune_layer: int | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that redefines `select` alone has replaced (or wrapped) the selection: the model
+        # must go through it, and the parent's group labels no longer describe what it keeps.
+        if "select" in cls.__dict__ and "select_with_groups" not in cls.__dict__:
+            cls.select_with_groups = TokenPruner.select_with_groups
+            if "group_names" not in cls.__dict__:
+                cls.group_names = TokenPruner.group_names
 
     def __init__(
         self,
@@ -133,6 +148,13 @@ class TokenPruner(nn.Module):
     def select(self, signals: VisualSignals) -> Tensor:
         """Pre-LLM selection: kept patch indices LongTensor[B, R], in the method's reference order."""
         raise NotImplementedError(f"{type(self).__name__} does not select before the LLM")
+
+    def select_with_groups(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
+        """`select`'s kept indices [B, R] and, aligned with them, each token's group: LongTensor [B, R]
+        of indices into `group_names`. What the model calls. One group by default; a method with
+        several overrides this and `select` (both from one private routine, so they cannot disagree)."""
+        kept = self.select(signals)
+        return kept, torch.zeros_like(kept)
 
     def select_in_llm(self, attention: Tensor) -> Tensor:
         """In-LLM selection between layers K-1 and K.

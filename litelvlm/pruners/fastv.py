@@ -40,6 +40,11 @@ class FastV(TokenPruner):
     def required_signals(self) -> frozenset[Signal]:
         return frozenset({Signal.LLM_ATTENTION})
 
+    @property
+    def group_names(self) -> tuple[str, ...]:  # type: ignore[override]  # names the instance's K
+        """One group: the visual tokens layers K.. still see."""
+        return (f"kept at layer {self.prune_layer}",)
+
     def select_in_llm(self, attention: Tensor) -> Tensor:
         """Top-R visual positions by `attention` [B, N], returned ascending as [B, R]."""
         if attention.dim() != 2:

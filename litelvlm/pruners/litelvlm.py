@@ -8,6 +8,8 @@ Every variant keeps `R` patches as `fill + S`:
   similarity-only ablation.
 With `R < T` the per-sentence budget `R // T` is 0, so `S` is empty and the fill ranking picks all
 `R` (the reference's top-k with k = 0 behaves the same).
+Group labels: 0 for `S` ("similarity-aware"), 1 for the fill (method.md's context-aware set `C`;
+the similarity-only ablation names its fill for what it is).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class LiteLVLM(TokenPruner):
     # None: no similarity-aware set (context-only).
     similarity_pick: ClassVar[SimilarityPick | None] = "lowest"
     fill_by: ClassVar[FillBy] = "context"
+    group_names = ("similarity-aware", "context-aware")  # S, then the fill
 
     def __init__(
         self,
@@ -97,6 +100,13 @@ class LiteLVLM(TokenPruner):
 
     def select(self, signals: VisualSignals) -> Tensor:
         """Kept patch indices [B, R]: fill tokens in ranking order, then `S` in ascending order."""
+        return self._select_and_label(signals)[0]
+
+    def select_with_groups(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
+        """`select`'s kept indices and their groups: 1 (fill: `C`) for the fill tokens, 0 for `S`."""
+        return self._select_and_label(signals)
+
+    def _select_and_label(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
         similarity = context = None
         if self.uses_text:
             similarity = text_similarity(signals.require(Signal.PATCH_EMBEDS), signals.require(Signal.TEXT_EMBEDS))
@@ -110,18 +120,20 @@ class LiteLVLM(TokenPruner):
         batch_size, num_patches = scores.shape[0], scores.shape[-1]
         budget = self.budget(num_patches)
 
-        kept = []
+        kept, groups = [], []
         for b in range(batch_size):
             sample_similarity = None
             if similarity is not None:
                 sample_similarity = similarity[b][sentence_mask[b]]  # [T_b, N]: real sentences only
                 if len(sample_similarity) == 0:
                     raise PrunerError(f"{self.name}: sample {b} has no sentence (its text_mask row is all False)")
-            kept.append(self._select_one(budget, sample_similarity, None if context is None else context[b]))
-        return torch.stack(kept)
+            fill, similarity_set = self._select_one(budget, sample_similarity, None if context is None else context[b])
+            kept.append(torch.cat([fill, similarity_set]))
+            groups.append(torch.cat([torch.ones_like(fill), torch.zeros_like(similarity_set)]))
+        return torch.stack(kept), torch.stack(groups)
 
-    def _select_one(self, budget: int, similarity: Tensor | None, context: Tensor | None) -> Tensor:
-        """One sample: `similarity` [T, N] over its real sentences, `context` [N]."""
+    def _select_one(self, budget: int, similarity: Tensor | None, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One sample's (fill, `S`): `similarity` [T, N] over its real sentences, `context` [N]."""
         if self.similarity_pick is None:
             similarity_set = torch.empty(0, dtype=torch.long, device=context.device)
         else:
@@ -134,7 +146,7 @@ class LiteLVLM(TokenPruner):
             min_similarity = similarity.min(dim=0).values
             fill_ranking = top_k_indices(min_similarity, len(min_similarity), largest=False)
         fill = fill_ranking[~torch.isin(fill_ranking, similarity_set)][: budget - len(similarity_set)]
-        return torch.cat([fill, similarity_set])
+        return fill, similarity_set
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, text_source={self.text_source}, text_pooling={self.text_pooling}"
@@ -148,6 +160,7 @@ class SimilarityOnly(LiteLVLM):
     """Ablation: only similarity; a short `S` is filled by the lowest per-patch minimum similarity."""
 
     fill_by = "min_similarity"
+    group_names = ("similarity-aware", "minimum-similarity fill")
 
 
 @register_pruner("context-only")

@@ -62,8 +62,17 @@ class VisPruner(TokenPruner):
     def required_signals(self) -> frozenset[Signal]:
         return frozenset({Signal.CLS_ATTENTION, Signal.PATCH_FEATURES})
 
+    group_names = ("important", "diverse")
+
     def select(self, signals: VisualSignals) -> Tensor:
         """Kept patch indices [B, R], ascending."""
+        return self._select_and_label(signals)[0]
+
+    def select_with_groups(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
+        """`select`'s kept indices (ascending) and their groups: 0 important, 1 diverse."""
+        return self._select_and_label(signals)
+
+    def _select_and_label(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
         attention = signals.require(Signal.CLS_ATTENTION).float().mean(dim=1)  # [B, N]
         features = F.normalize(signals.require(Signal.PATCH_FEATURES).float(), dim=-1)
         budget = self.budget(attention.shape[-1])
@@ -72,7 +81,9 @@ class VisPruner(TokenPruner):
         by_attention = top_k_indices(attention, attention.shape[-1], largest=True)
         important, others = by_attention[:, :num_important], by_attention[:, num_important:]
         diverse = remove_duplicates(others, features, budget - num_important)
-        return torch.cat([important, diverse], dim=1).sort(dim=1).values
+        kept, order = torch.cat([important, diverse], dim=1).sort(dim=1)
+        groups = torch.cat([torch.zeros_like(important), torch.ones_like(diverse)], dim=1)
+        return kept, torch.gather(groups, 1, order)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, important_ratio={self.important_ratio}"

@@ -266,6 +266,8 @@ class EfficiencyProfiler(L.Callback):
 
     def _start(self, pl_module: L.LightningModule) -> None:
         self._lvlm(pl_module)
+        if getattr(pl_module, "encoders_only", False):
+            raise LitelvlmError("EfficiencyProfiler measures the grounding forward, which model.encoders_only skips")
         self.records, self.summary, self._batches_seen = [], None, 0
 
     def _stop(self, pl_module: L.LightningModule) -> None:

@@ -38,7 +38,10 @@ EVALUATION_STAGES = ("validate", "test")
 
 
 class SampleRecords(L.Callback):
-    """Per-sample Parquet records in `<run folder>/records/`, and resume from them."""
+    """Per-sample Parquet records in `<run folder>/records/`, and resume from them.
+
+    An encoders-only run (`model.encoders_only`) predicts no mask: it records nothing and resumes nothing.
+    """
 
     def __init__(self) -> None:
         self.writer: PartWriter | None = None
@@ -47,7 +50,7 @@ class SampleRecords(L.Callback):
         self._to_restore = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage not in EVALUATION_STAGES:
+        if stage not in EVALUATION_STAGES or getattr(pl_module, "encoders_only", False):
             return
         datamodule = trainer.datamodule
         _require(datamodule, "ReferringDataModule", ("fingerprint", "skip_recorded", "split_names"))

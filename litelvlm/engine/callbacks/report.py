@@ -12,6 +12,10 @@ RANDOM_WEIGHTS_NOTE = (
     "NOTE: this model has random weights (a tiny test preset); its IoU measures nothing about "
     "pruning quality. Use a released checkpoint for meaningful numbers."
 )
+ENCODERS_ONLY_NOTE = (
+    "encoders-only run: no masks were predicted, so there is no cIoU/gIoU and no {filename}; "
+    "the studies write their own results beside the logs."
+)
 
 
 def format_results_table(rows: list[dict]) -> str:
@@ -55,8 +59,13 @@ class EvaluationReport(L.Callback):
 
     @rank_zero_only
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+        if trainer.sanity_checking:
+            return
+        if getattr(pl_module, "encoders_only", False):
+            print(ENCODERS_ONLY_NOTE.format(filename=self.filename))
+            return
         results = getattr(pl_module, "last_results", None)
-        if not results or trainer.sanity_checking:
+        if not results:
             return
         rows = results if isinstance(results, list) else [results]
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,163 @@
+"""Token retention panels: the image views, the overlay, and the config end to end against the model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from litelvlm.analysis import TokenRetentionVisualizer
+from litelvlm.analysis.retention import KEPT_FILL_ALPHA, PRUNED_BRIGHTNESS, clip_view, original_view, retention_overlay
+from litelvlm.analysis.reversal import StudyError
+from litelvlm.models.image_processing import clip_crop_geometry, clip_preprocess, sam_preprocess
+from litelvlm.pruners import FastV, LiteLVLM, VisPruner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_clip_view_is_the_resized_centre_crop_the_pruner_saw():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    resized_h, resized_w, top, left = clip_crop_geometry(30, 50, 28)
+    resized = np.asarray(image.resize((resized_w, resized_h), Image.Resampling.BICUBIC))
+    expected = resized[top : top + 28, left : left + 28]
+    np.testing.assert_allclose(clip_view(clip_preprocess(image, 28)), expected / 255.0, atol=1e-5)
+
+
+def test_original_view_drops_the_sam_padding_and_returns_to_the_original_size():
+    pixels = np.zeros((30, 60, 3), dtype=np.uint8)
+    pixels[:, :30] = (200, 20, 20)
+    pixels[:, 30:] = (10, 10, 180)
+    sam_input, resized = sam_preprocess(Image.fromarray(pixels), 64)  # 32 x 64, padded to 64 x 64
+    view = original_view(sam_input, torch.tensor(resized), torch.tensor([30, 60]))
+    assert view.shape == (30, 60, 3)
+    np.testing.assert_allclose(view[:, :25], np.broadcast_to(np.array([200, 20, 20]) / 255, (30, 25, 3)), atol=1e-4)
+    np.testing.assert_allclose(view[:, 35:], np.broadcast_to(np.array([10, 10, 180]) / 255, (30, 25, 3)), atol=1e-4)
+
+
+def test_overlay_dims_pruned_cells_and_tints_kept_cells_by_group():
+    from matplotlib.colors import to_rgb
+
+    image = np.full((4, 6, 3), 0.5)  # a 2 x 3 patch grid of 2 x 2 pixel cells
+    overlay = retention_overlay(image, kept=[0, 4], groups=[0, 1], grid=(2, 3))
+    for index in (1, 2, 3, 5):  # pruned
+        row, col = divmod(index, 3)
+        np.testing.assert_allclose(overlay[2 * row : 2 * row + 2, 2 * col : 2 * col + 2], 0.5 * PRUNED_BRIGHTNESS)
+    for index, colour in ((0, "tab:orange"), (4, "tab:cyan")):
+        row, col = divmod(index, 3)
+        expected = 0.5 * (1 - KEPT_FILL_ALPHA) + np.array(to_rgb(colour)) * KEPT_FILL_ALPHA
+        cell = overlay[2 * row : 2 * row + 2, 2 * col : 2 * col + 2]
+        np.testing.assert_allclose(cell, np.broadcast_to(expected, (2, 2, 3)))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(StudyError, match="num_samples"):
+        TokenRetentionVisualizer(num_samples=0)
+    with pytest.raises(StudyError, match="folder"):
+        TokenRetentionVisualizer(folder="../elsewhere")
+
+
+# ------------------------------------------------------------------ end to end
+BATCH_SIZE, NUM_SAMPLES = 3, 2  # one batch of 3, of which only the first 2 samples are drawn
+CONFIGURATIONS = {"litelvlm@64": LiteLVLM(num_tokens=64), "vispruner@64": VisPruner(num_tokens=64),
+                  "fastv@64": FastV(num_tokens=64)}
+
+
+@pytest.fixture(scope="module")
+def retention_run(tmp_path_factory):
+    from litelvlm.cli import main
+
+    save_dir = tmp_path_factory.mktemp("retention_logs")
+    with mock.patch.object(sys, "argv", ["litelvlm.cli"]):  # pytest's own arguments are not the CLI's
+        main(["validate", "--config", str(REPO / "configs/studies/visualize.yaml"),
+              "--trainer.limit_val_batches", "1", "--data.batch_size", str(BATCH_SIZE),
+              "--trainer.callbacks.init_args.num_samples", str(NUM_SAMPLES), "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(save_dir)])
+    [folder] = save_dir.rglob("retention")
+    panels = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    return folder, panels
+
+
+@pytest.fixture(scope="module")
+def first_batch(private_cache):
+    from litelvlm.data.datamodule import ReferringDataModule
+
+    data = ReferringDataModule(batch_size=BATCH_SIZE, max_sentences=3)
+    data.setup()
+    return next(iter(data.val_dataloader()))
+
+
+def test_the_first_samples_get_a_panel_per_sentence_and_configuration(retention_run, first_batch):
+    _, panels = retention_run
+    sample_ids = [int(i) for i in first_batch.sample_ids]
+    assert sorted({panel["sample_id"] for panel in panels}) == sample_ids[:NUM_SAMPLES]  # the 3rd is not drawn
+    for b, sample_id in enumerate(sample_ids[:NUM_SAMPLES]):
+        keys = {(p["sentence"], p["configuration"]) for p in panels if p["sample_id"] == sample_id}
+        sentences = len(first_batch.expressions[b])
+        assert keys == {(t, name) for t in range(sentences) for name in CONFIGURATIONS}
+        for panel in (p for p in panels if p["sample_id"] == sample_id):
+            assert panel["expression"] == first_batch.expressions[b][panel["sentence"]]
+
+
+def test_every_panel_holds_r_kept_patches_and_group_counts_that_add_up(retention_run):
+    _, panels = retention_run
+    for panel in panels:
+        pruner = CONFIGURATIONS[panel["configuration"]]
+        kept = panel["kept_indices"]
+        assert panel["R"] == len(kept) == len(set(kept)) == 64 and panel["grid"] == [24, 24]
+        assert all(0 <= i < 576 for i in kept)
+        assert panel["group_names"] == list(pruner.group_names)
+        assert len(panel["kept_groups"]) == 64 and set(panel["kept_groups"]) <= set(panel["group_names"])
+        assert panel["group_counts"] == {name: Counter(panel["kept_groups"])[name] for name in panel["group_names"]}
+        assert sum(panel["group_counts"].values()) == 64
+
+
+def test_panels_report_what_the_model_kept(retention_run, first_batch, tiny_model):
+    _, panels = retention_run
+    pruners = list(CONFIGURATIONS.values())
+    with torch.no_grad():
+        shared = tiny_model.encode(first_batch, pruners)
+        outputs = {name: tiny_model.ground(first_batch, shared, pruner) for name, pruner in CONFIGURATIONS.items()}
+    by_key = {(p["sample_id"], p["sentence"], p["configuration"]): p for p in panels}
+    for b, sample_id in enumerate(int(i) for i in first_batch.sample_ids[:NUM_SAMPLES]):
+        for name, output in outputs.items():
+            kept = output.llm_kept_indices if name.startswith("fastv") else output.kept_indices
+            names = [output.group_names[g] for g in output.kept_groups[b].tolist()]
+            for t in range(len(first_batch.expressions[b])):
+                panel = by_key[(sample_id, t, name)]
+                assert panel["kept_indices"] == kept[b].tolist(), (sample_id, t, name)
+                assert panel["kept_groups"] == names
+                union = (output.mask_logits[b][t] > 0) | first_batch.gt_masks[b][t]
+                intersection = (output.mask_logits[b][t] > 0) & first_batch.gt_masks[b][t]
+                assert panel["iou"] == pytest.approx(float(intersection.sum() / union.sum()))
+
+
+def test_pngs_open_and_tensorboard_holds_every_panel(retention_run):
+    folder, panels = retention_run
+    for panel in panels:
+        with Image.open(folder / panel["png"]) as image:
+            assert image.size[0] > 500 and image.size[1] > 200
+    accumulator = EventAccumulator(str(folder.parent), size_guidance={"images": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["images"]
+    assert len(tags) == len(panels)
+    assert "retention/litelvlm@64/val_sample{}_sentence0".format(panels[0]["sample_id"]) in tags
+
+
+def test_an_encoders_only_run_is_refused_with_one_line():
+    """Nothing is grounded in an encoders-only run: the visualiser says so instead of drawing nothing."""
+    from types import SimpleNamespace
+
+    from litelvlm.analysis import TokenRetentionVisualizer
+    from litelvlm.analysis.reversal import StudyError
+
+    with pytest.raises(StudyError, match="model.encoders_only"):
+        TokenRetentionVisualizer().setup(SimpleNamespace(), SimpleNamespace(encoders_only=True), "validate")
