@@ -158,7 +158,7 @@ def test_paired_runs_compare_each_configuration_with_its_namesake(compare_tool, 
     assert set(rows) == {"training-free:none", "training-free:litelvlm@64", "finetuned:none", "finetuned:litelvlm@64"}
     assert rows["finetuned:litelvlm@64"]["baseline"] == "training-free:litelvlm@64"
     assert float(rows["finetuned:litelvlm@64"]["delta_ciou"]) == pytest.approx(NONE_CIOU - FASTV_CIOU, abs=1e-15)
-    assert float(rows["finetuned:none"]["delta_giou"]) == pytest.approx(FASTV_GIOU - NONE_GIOU, abs=1e-9)  # gIoU sums in float32
+    assert float(rows["finetuned:none"]["delta_giou"]) == pytest.approx(FASTV_GIOU - NONE_GIOU, abs=1e-9)  # per-mask IoU in fixed point (2**-32)
     assert rows["training-free:none"]["baseline"] == "" and rows["training-free:none"]["delta_ciou"] == ""
     assert rows["finetuned:litelvlm@64"]["num_tokens"] == "64"
     markdown = (out / "compare.md").read_text()
@@ -174,3 +174,13 @@ def test_paired_run_needs_labels_and_a_known_label(compare_tool, tmp_path, capsy
     assert "--paired-run 'c' is not one of the --labels" in capsys.readouterr().err
     assert compare_tool.main([str(free), str(tuned), "--labels", "a"]) == 2
     assert "one distinct label per run" in capsys.readouterr().err
+
+
+def test_a_single_image_interval_holds_its_point_value_exactly(compare_tool, tmp_path):
+    """One image: every resample is that image, so both intervals collapse onto the point values."""
+    folder = write_run(tmp_path, {"none": {("A", "a1"): (1, 3), ("A", "a2"): (2, 7)}})
+    table, knobs = compare_tool.load_runs([folder])
+    (row,) = compare_tool.compare(table, knobs, num_bootstrap=50)
+    assert row["ciou_low"] == row["ciou"] == row["ciou_high"] == 3 / 10
+    assert row["giou_low"] == row["giou"] == row["giou_high"]
+    assert row["giou"] == pytest.approx((1 / 3 + 2 / 7) / 2, abs=1e-9)

@@ -7,8 +7,6 @@ DistributedSampler) would hand rank 1 a repeat of image 0 and change num_samples
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +14,7 @@ from unittest import mock
 
 import pyarrow.parquet as pq
 import pytest
+from process_helpers import run_in_session
 
 from litelvlm.cli import main
 
@@ -71,17 +70,7 @@ def one_process(odd_split, tmp_path_factory) -> dict:
 
 def run_ddp(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a 2-process job in its own session, so a hang can be killed with all its ranks."""
-    process = subprocess.Popen(
-        command, cwd=cwd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = process.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"2-process run hung for {DDP_TIMEOUT_S} s:\n{stderr[-4000:]}") from None
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_in_session(command, cwd, DDP_TIMEOUT_S)
 
 
 def assert_same_numbers(multi: dict, single: dict, expected_masks: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from process_helpers import run_in_session
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -213,16 +214,7 @@ def run_cli(args: list[str], cwd: Path, *callbacks: str) -> subprocess.Completed
     env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     extra = [f"--trainer.callbacks+=finetune_callbacks.{name}" for name in callbacks]
     command = [sys.executable, "-m", "litelvlm.cli", *args, *extra]  # after --config, which sets callbacks
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"run hung for {TIMEOUT_S} s:\n{stderr[-4000:]}") from None
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_in_session(command, cwd, TIMEOUT_S, env)
 
 
 def test_a_fit_killed_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(small_set, tmp_path):

@@ -21,6 +21,7 @@ from unittest import mock
 
 import pyarrow as pa
 import pytest
+from process_helpers import run_in_session
 
 from litelvlm.cli import main
 from litelvlm.engine.records import (
@@ -88,17 +89,7 @@ def run_killed(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def run_group(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env or dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"run hung for {TIMEOUT_S} s:\n{stderr[-4000:]}") from None
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_in_session(command, cwd, TIMEOUT_S, env)
 
 
 def results_of(run_dir: Path) -> list[dict]:

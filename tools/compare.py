@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from litelvlm.engine.records import read_manifest, read_records
-from litelvlm.engine.scores import iou_from_scores
+from litelvlm.engine.scores import IOU_FIXED_POINT, fixed_point_iou, iou_from_scores
 from litelvlm.errors import LitelvlmError
 
 CSV_COLUMNS = [
@@ -109,8 +110,9 @@ def method_of(configuration: str) -> str:
 def _per_image(rows: dict[str, np.ndarray], images: dict[str, int]) -> np.ndarray:
     """[4, n_images]: per image, the sums of intersections, unions, per-mask IoUs, and the mask count."""
     index = np.array([images[image] for image in rows["image_id"]], dtype=np.int64)
+    # Per-mask IoU exactly as the logged gIoU counts it (fixed point), so a point value lies in its interval.
+    iou = fixed_point_iou(torch.from_numpy(rows["intersection"]), torch.from_numpy(rows["union"])).numpy() / IOU_FIXED_POINT
     intersection, union = rows["intersection"].astype(np.float64), rows["union"].astype(np.float64)
-    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
     return np.stack([np.bincount(index, weights=w, minlength=len(images)) for w in (intersection, union, iou, np.ones_like(iou))])
 
 

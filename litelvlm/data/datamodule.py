@@ -131,31 +131,25 @@ class ReferringDataModule(L.LightningDataModule):
 
     def _open(self, name: str):
         dataset, _, split = name.rpartition("/") if self.splits else (self.dataset_name, "", self.split)
-        source = self.data_dir if self.data_dir is not None else ensure_demo_data()
-        return open_referring_dataset(
-            source,
-            dataset=dataset or self.dataset_name,
-            split=split,
-            split_by=self.split_by,
-            max_sentences=self.max_sentences,
-            seed=self.seed,
-            on_error=self.on_error,
-            protocol=self.protocol,
-        )
+        return self._open_split(dataset, split, self.max_sentences, self.protocol)
 
     def _open_train(self):
         """The training split, one item per image for GLaMM-format models, per sentence for LISA's."""
         dataset, _, split = self.train_split.rpartition("/")
+        protocol = "per-sentence" if self.processor.config.protocol == "lisa" else "glamm"
+        return self._open_split(dataset, split, self.max_train_sentences, protocol)
+
+    def _open_split(self, dataset: str | None, split: str, max_sentences: int | None, protocol: str):
         source = self.data_dir if self.data_dir is not None else ensure_demo_data()
         return open_referring_dataset(
             source,
             dataset=dataset or self.dataset_name,
             split=split,
             split_by=self.split_by,
-            max_sentences=self.max_train_sentences,
+            max_sentences=max_sentences,
             seed=self.seed,
             on_error=self.on_error,
-            protocol="per-sentence" if self.processor.config.protocol == "lisa" else "glamm",
+            protocol=protocol,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -224,5 +224,6 @@ def export_at_fit_end(trainer, parts: TrainedParts, base: dict) -> Path | None:
     if trainer.is_global_zero:
         tensors = {name: state[MODULE_PREFIX + name] for name in parts.names}
         weights = write_export(folder, tensors, parts.settings, base)
+        print(f"fine-tuned weights written to {weights} (evaluate them: --model.finetuned {folder})")
     trainer.strategy.barrier("litelvlm-finetuned-export")
     return weights
