@@ -129,3 +129,14 @@ def test_unpadded_sampler_is_used_under_several_processes(parquet_folder):
     assert isinstance(loader.sampler, UnpaddedDistributedSampler)
     assert list(loader.sampler) == list(range(1, len(data.dataset), 2))
     assert torch.is_tensor(next(iter(loader)).sample_ids)
+
+
+def test_a_split_with_fewer_items_than_processes_is_refused_instead_of_hanging(parquet_folder):
+    """A process with no item skips the epoch and never joins the others' sync: say so up front."""
+    data = ReferringDataModule(data_dir=parquet_folder)  # 5 images, glamm protocol: 5 items
+    data.setup()
+    data.trainer = SimpleNamespace(world_size=5, global_rank=4)
+    assert len(list(data.val_dataloader().sampler)) == 1  # exactly as many processes as items: fine
+    data.trainer = SimpleNamespace(world_size=6, global_rank=0)
+    with pytest.raises(DataError, match=r"split val has 5 items, fewer than the 6 processes.*--trainer.devices 5"):
+        data.val_dataloader()

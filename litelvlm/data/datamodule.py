@@ -177,13 +177,18 @@ class ReferringDataModule(L.LightningDataModule):
     def _loaders(self) -> DataLoader | list[DataLoader]:
         if self.datasets is None:
             self.setup()
-        loaders = [self._loader(dataset) for dataset in self.datasets]
+        loaders = [self._loader(dataset, name) for dataset, name in zip(self.datasets, self.split_names)]
         return loaders[0] if len(loaders) == 1 else loaders
 
-    def _loader(self, dataset: Dataset) -> DataLoader:
+    def _loader(self, dataset: Dataset, name: str) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         sampler = None
         if trainer is not None and trainer.world_size > 1:
+            if len(dataset) < trainer.world_size:  # a process with no batch skips the epoch-end sync: a hang
+                raise DataError(
+                    f"split {name} has {len(dataset)} items, fewer than the {trainer.world_size} processes: "
+                    f"every process needs at least one (run with --trainer.devices {max(len(dataset), 1)} or fewer)"
+                )
             sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
             dataset,
