@@ -143,6 +143,9 @@ def test_validate_with_the_export_scores_what_the_fit_scored(fitted, small_set, 
     validated = json.loads(results_file.read_text())
     assert validated["num_samples"] == fit_scores["num_samples"] > 0
     assert validated["giou"] == fit_scores["giou"] and validated["ciou"] == fit_scores["ciou"]
+    # the results name the weights they were computed with: the export's sha256, null for the base
+    assert validated["finetuned"] == json.loads((run_dir / MANIFEST_FILE).read_text())["sha256"]
+    assert fit_scores["finetuned"] == "fitted in this run"  # the fit's own validation: the in-memory model
 
 
 def test_an_export_of_another_base_or_layout_or_content_is_refused(fitted, tmp_path):

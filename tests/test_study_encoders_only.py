@@ -29,7 +29,7 @@ GROUNDING_PARTS = ("llm", "mm_projector", "text_hidden_fcs", "sam")
 
 @contextlib.contextmanager
 def probed_model():
-    """Count, on the model the CLI builds, CLIP vision passes and calls into any module of the grounding parts."""
+    """Count, on the model the CLI builds, CLIP vision passes, the grounding parts built and calls into them."""
     counts: Counter = Counter()
     load = module_lib.load_lvlm
 
@@ -37,6 +37,9 @@ def probed_model():
         lvlm = load(*args, **kwargs)
         lvlm.vision_tower.vision_model.embeddings.register_forward_pre_hook(lambda *_: counts.update(["clip_vision"]))
         for part in GROUNDING_PARTS:
+            if getattr(lvlm, part) is None:  # an encoders-only build leaves them out
+                continue
+            counts.update([f"built {part}"])
             for module in getattr(lvlm, part).modules():
                 module.register_forward_pre_hook(lambda *_, part=part: counts.update([part]))
         return lvlm
@@ -80,11 +83,13 @@ def test_encoders_only_studies_write_the_json_of_a_full_run(runs):
     assert sink == read_json(full, "attention_sink.json") == read_json(runs["sink_config"][0], "attention_sink.json")
 
 
-def test_encoders_only_runs_no_llm_and_no_sam_and_clip_vision_once_per_batch(runs):
+def test_encoders_only_builds_and_runs_no_llm_and_no_sam_and_clip_vision_once_per_batch(runs):
     full_counts = runs["full"][1]
     assert all(full_counts[part] > 0 for part in GROUNDING_PARTS), full_counts  # the probes do see a full run
-    for name in ("encoders_only", "sink_config"):
-        assert all(runs[name][1][part] == 0 for part in GROUNDING_PARTS), (name, runs[name][1])
+    assert all(full_counts[f"built {part}"] == 1 for part in GROUNDING_PARTS), full_counts
+    for name in ("encoders_only", "sink_config"):  # neither built nor run
+        assert all(runs[name][1][part] == runs[name][1][f"built {part}"] == 0 for part in GROUNDING_PARTS), (
+            name, runs[name][1])
     # The reversal study reads the module's encodings: one vision pass per batch, full run or not.
     assert runs["encoders_only"][1]["clip_vision"] == BATCHES
     assert full_counts["clip_vision"] == BATCHES

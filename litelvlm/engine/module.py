@@ -3,7 +3,7 @@
 A run evaluates one pruner, or several (a sweep): per batch the pruner-independent encoders (CLIP
 vision, CLIP text if needed, SAM image encoder) run once, then each configuration selects, runs the
 LLM and decodes its masks. Each (split, configuration) has its own metric. The encoder pass also
-computes what study callbacks declare (`ReadsEncodings`); with `encoders_only` it is all that runs.
+computes what study callbacks declare (`ReadsEncodings`); with `encoders_only` it is all that is built and runs.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ class ReferringSegmentationModule(L.LightningModule):
             the frozen base for validate/test and sweeps.
         encoders_only: validate/test run only the CLIP passes the study callbacks (`ReadsEncodings`)
             need, and hand them over in `EvaluatedBatch.shared`: no LLM, no SAM, no masks, no IoU.
+            Only the CLIP towers are built and loaded; `fit`, `finetuning` and `finetuned` are
+            refused (an export may adapt CLIP itself, so ignoring it could change a study's numbers).
     """
 
     def __init__(
@@ -128,6 +130,11 @@ class ReferringSegmentationModule(L.LightningModule):
         encoders_only: bool = False,
     ) -> None:
         super().__init__()
+        if encoders_only and (finetuning is not None or finetuned is not None):
+            given = "model.finetuning" if finetuning is not None else "model.finetuned"
+            raise LitelvlmError(
+                f"{given} needs the whole model, but model.encoders_only builds only CLIP; set one of them off"
+            )
         self.encoders_only = encoders_only
         swept = collect_pruners(pruner, pruners, sweep)
         self.is_sweep = swept is not None
@@ -143,11 +150,15 @@ class ReferringSegmentationModule(L.LightningModule):
             self.save_hyperparameters(model_hparams | {"configurations": ", ".join(self.configuration_names)})
         else:
             self.save_hyperparameters(model_hparams | self.pruner.hparams())
-        self.lvlm = load_lvlm(checkpoint, dtype=dtype, seed=seed, seg_prompt_position=seg_prompt_position)
-        self.lvlm.requires_grad_(False).eval()
-        self.base_identity = finetuned_weights.base_identity(
-            self.lvlm, checkpoint, seed, seg_prompt_position, self.random_weights
+        self.lvlm = load_lvlm(
+            checkpoint, dtype=dtype, seed=seed, seg_prompt_position=seg_prompt_position, encoders_only=encoders_only
         )
+        self.lvlm.requires_grad_(False).eval()
+        self.base_identity = None  # it fingerprints the LLM too: a full build's only (nothing else is fine-tuned)
+        if not encoders_only:
+            self.base_identity = finetuned_weights.base_identity(
+                self.lvlm, checkpoint, seed, seg_prompt_position, self.random_weights
+            )
         self.trained = finetuned_weights.attach(self.lvlm, finetuning, finetuned, self.base_identity)
         self.finetuning = finetuning
         self.strict_loading = finetuning is None  # a fit's checkpoints hold the trained tensors only
@@ -175,6 +186,8 @@ class ReferringSegmentationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """One metric per evaluated split (the data module may hold several) and configuration."""
+        if stage == "fit" and self.encoders_only:
+            raise LitelvlmError("fit trains the whole model, but model.encoders_only builds only CLIP; set it false")
         if stage == "fit" and self.finetuning is None:
             raise LitelvlmError("fit needs model.finetuning (what to train and how); see configs/finetune_demo.yaml")
         if stage == "fit":  # the frozen parts are in eval mode on purpose (set_training_modes)
@@ -280,12 +293,19 @@ class ReferringSegmentationModule(L.LightningModule):
                         "num_samples": values["num_masks"],
                         "visual_tokens": values["visual_tokens"],
                         "checkpoint": self.hparams.checkpoint,
+                        "finetuned": self._weights_note(),
                         "random_weights": self.random_weights,
                         "skipped": [item for item in skipped if item.get("split") == split],
                     }
                 )
         self.last_results = rows[0] if len(rows) == 1 and not self.is_sweep else rows
         self._skipped = []
+
+    def _weights_note(self) -> str | None:
+        """Which fine-tuned weights the numbers come from: an export's sha256, this run's fit, or None (base)."""
+        if self.finetuning is not None:
+            return "fitted in this run"
+        return self.model_identity.get("finetuned")
 
     def _all_skipped(self) -> list[dict]:
         """Skipped samples of the whole run: found while indexing, plus those of every rank's batches."""

@@ -11,6 +11,11 @@ any weight is read (file headers only), then the files are read one at a time (`
 memory-mapped, `.safetensors` tensor by tensor), each tensor converted to the target dtype and
 device and assigned in place of its meta tensor. The host holds about one copy of the weights at
 the target dtype; a tensor already in that dtype on the CPU stays backed by the mapped file.
+
+Encoders-only (`encoders_only=True`, for studies that read only CLIP): only the CLIP towers are
+built and loaded. The keys come from the shard index, and only the shards holding tensors of the
+built parts (`model.vision_tower.*`, which released GLaMM/LISA files lack) are opened; the other
+parts' keys are expected and skipped, not reported.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ SAM_PREFIXES = {"glamm": "model.grounding_encoder.", "lisa": "model.visual_model
 UNUSED_PREFIXES = ("model.region_encoder.",)  # GLaMM's region encoder: box prompts only, unused here
 DROPPED_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # recomputed by transformers
 LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+ENCODER_PARTS = ("vision_tower.", "text_tower.")  # what an encoders-only build holds
 VISION_TOWER_KEY = re.compile(r"model\.vision_tower\.(?:vision_tower\.|0\.)?(vision_model\..+)")
 CLIP_TOWER_CONFIG_KEYS = ("mm_vision_tower", "vision_tower", "mm_vision_module", "vision_module")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -144,10 +150,16 @@ class WeightFiles:
         yield from state.items()
 
 
-def _read_index(index: Path, folder: Path) -> list[Path]:
+def _weight_map(index: Path) -> dict[str, str]:
+    """key -> shard file name, from a shard index."""
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no weight_map")
+    return weight_map
+
+
+def _read_index(index: Path, folder: Path) -> list[Path]:
+    weight_map = _weight_map(index)
     files = [folder / name for name in sorted(set(weight_map.values()))]
     missing = [path.name for path in files if not path.is_file()]
     if missing:
@@ -168,6 +180,50 @@ def find_weight_files(folder: Path) -> WeightFiles:
     raise CheckpointError(
         f"{folder} holds no weights: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)"
     )
+
+
+def _weight_index(folder: Path) -> tuple[str, Path] | None:
+    """The shard index `find_weight_files` would follow (format, path); None for a single weight file."""
+    for fmt, index_name, single in (
+        ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+        ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        if (folder / index_name).is_file():
+            return fmt, folder / index_name
+        if (folder / single).is_file():
+            return None
+    return None
+
+
+def _encoder_weights(name_or_path, folder: Path, is_local: bool, hub: dict):
+    """Encoders-only: the CLIP part of the key plan, and only the weight files holding its tensors.
+
+    With a shard index the keys are the index's and only the shards holding CLIP tensors are opened
+    (and, for a hub id, fetched); a single weight file is opened for its keys, its data read only
+    when it holds CLIP tensors. Returns (weights, shapes of the opened files, plan, every key).
+    """
+    index = _weight_index(folder)
+    if index is None:
+        weights = find_weight_files(folder) if is_local else _fetch_weights(str(name_or_path), folder, **hub)
+        shapes = weights.shapes()
+        plan = restrict_to_encoders(plan_keys(shapes))
+        return WeightFiles(weights.format, weights.files if plan.targets else []), shapes, plan, set(shapes)
+    fmt, index_path = index
+    weight_map = _weight_map(index_path)
+    plan = restrict_to_encoders(plan_keys(weight_map))
+    names = sorted({weight_map[key] for key in plan.targets})
+    if names and not is_local:
+        folder = _snapshot(str(name_or_path), CHECKPOINT_METADATA + names, "model checkpoint", **hub)
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: shards listed in {index_path.name} are missing: {', '.join(missing)}")
+    weights = WeightFiles(fmt, [folder / name for name in names])
+    shapes = weights.shapes()
+    listed = {key for key, name in weight_map.items() if name in names}
+    if set(shapes) != listed:
+        differ = sorted(set(shapes) ^ listed)
+        raise CheckpointError(f"{index_path.name} and the shards disagree on the keys: {_listing(differ)}")
+    return weights, shapes, plan, set(weight_map)
 
 
 def _check_index(weights: WeightFiles, keys: set[str], folder: Path) -> None:
@@ -198,6 +254,22 @@ class KeyPlan:
     unused: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # keys of parts an encoders-only build leaves out
+
+
+def restrict_to_encoders(plan: KeyPlan) -> KeyPlan:
+    """The plan of an encoders-only build: CLIP targets only; the other parts' keys (SAM keys the
+    mapping does not know included) are skipped, not unexpected."""
+    targets, skipped = {}, []
+    for key, names in plan.targets.items():
+        if all(name.startswith(ENCODER_PARTS) for name in names):
+            targets[key] = names
+        else:
+            skipped.append(key)
+    unknown = [key for key in plan.unknown if not key.startswith(plan.sam_prefix)]
+    skipped += [key for key in plan.unknown if key.startswith(plan.sam_prefix)]
+    return KeyPlan(plan.kind, plan.sam_prefix, plan.iou_head_depth, targets, plan.unused, plan.dropped, unknown,
+                   sorted(skipped))
 
 
 def detect_kind(keys) -> str:
@@ -389,8 +461,13 @@ def read_checkpoint(
     *,
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
+    encoders_only: bool = False,
 ) -> CheckpointAssets:
-    """Everything but the weights' data: config, tokenizers, CLIP configs, weight files and key plan."""
+    """Everything but the weights' data: config, tokenizers, CLIP configs, weight files and key plan.
+
+    `encoders_only`: the plan and files of the CLIP towers alone (see the module docstring);
+    `config.sam` is then the preset default (SAM's shapes are not read).
+    """
     from litelvlm.models.tokenizer import load_clip_tokenizer, load_llm_tokenizer
 
     hub = dict(cache_dir=cache_dir, local_files_only=local_files_only)
@@ -400,10 +477,13 @@ def read_checkpoint(
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
     config_json = json.loads(config_path.read_text(encoding="utf-8"))
-    weights = find_weight_files(folder) if is_local else _fetch_weights(str(name_or_path), folder, **hub)
-    shapes = weights.shapes()
-    _check_index(weights, set(shapes), folder)
-    plan = plan_keys(shapes)
+    if encoders_only:
+        weights, shapes, plan, keys = _encoder_weights(name_or_path, folder, is_local, hub)
+    else:
+        weights = find_weight_files(folder) if is_local else _fetch_weights(str(name_or_path), folder, **hub)
+        shapes = weights.shapes()
+        _check_index(weights, set(shapes), folder)
+        plan, keys = plan_keys(shapes), set(shapes)
     clip_checkpoint, clip_folder = _resolve_clip(config_json, config_path, clip_checkpoint, **hub)
     vision, text = _clip_configs(clip_folder)
 
@@ -415,9 +495,9 @@ def read_checkpoint(
         vision=_vision_spec(vision),
         text=_text_spec(text) if text is not None else CLIPTextSpec(),
         llm=_llm_spec(config_json, folder),
-        sam=_sam_spec(shapes, plan.sam_prefix),
+        sam=SAMSpec() if encoders_only else _sam_spec(shapes, plan.sam_prefix),
         select_layer=config_json.get("mm_vision_select_layer", -2),
-        projector=projector_form(shapes),
+        projector=projector_form(keys),
         protocol=plan.kind,
         clip_checkpoint=str(clip_checkpoint),
     )
@@ -477,6 +557,7 @@ def from_pretrained(
     with_text_tower: bool = True,
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
+    encoders_only: bool = False,
 ) -> LoadedLVLM:
     """A released GLaMM or LISA checkpoint (folder or hub id) as a frozen PixelGroundingLVLM.
 
@@ -488,6 +569,8 @@ def from_pretrained(
         seg_prompt_position: `before` (the references) or `at`; see PixelGroundingLVLM.
         with_text_tower: also load CLIP's text tower (LiteLVLM's text-guided pruning needs it).
         cache_dir, local_files_only: passed to huggingface_hub for hub ids.
+        encoders_only: build and load the CLIP towers alone (studies that read only CLIP): no
+            projector, LLM, [SEG] projection or SAM, and only the weight files holding CLIP tensors read.
 
     Returns:
         (model, llm_tokenizer, clip_tokenizer); the model in eval mode, `model.clip_tokenizer` set.
@@ -496,7 +579,8 @@ def from_pretrained(
     from litelvlm.models.tokenizer import special_token_ids
 
     dtype, device = resolve_dtype(dtype), _resolve_device(device, device_map)
-    assets = read_checkpoint(name_or_path, clip_checkpoint, cache_dir=cache_dir, local_files_only=local_files_only)
+    hub = dict(cache_dir=cache_dir, local_files_only=local_files_only)
+    assets = read_checkpoint(name_or_path, clip_checkpoint, **hub, encoders_only=encoders_only)
     text_config = assets.clip_configs[1]
     if with_text_tower and (text_config is None or assets.clip_tokenizer is None):
         raise CheckpointError(
@@ -507,8 +591,13 @@ def from_pretrained(
         clip_ids = (text_config.bos_token_id or 0, text_config.eos_token_id or 0, text_config.pad_token_id or 0)
     with torch.device("meta"):
         seg_id = special_token_ids(assets.llm_tokenizer).seg
-        model = PixelGroundingLVLM(assets.config, seg_id, clip_ids, seg_prompt_position=seg_prompt_position)
+        model = PixelGroundingLVLM(
+            assets.config, seg_id, clip_ids, seg_prompt_position=seg_prompt_position, encoders_only=encoders_only
+        )
     check_plan(model, assets)
+    if assets.plan.skipped:
+        logger.info("%s: encoders-only: %d tensors of the LLM, projector, [SEG] projection and SAM not read",
+                    assets.folder, len(assets.plan.skipped))
     if assets.plan.unused:
         logger.info(
             "%s: %d tensors deliberately not loaded (GLaMM's region encoder, for box prompts only): %s",
@@ -623,9 +712,11 @@ class _quiet_transformers:
 
 def _finish(model: PixelGroundingLVLM, device: torch.device) -> None:
     """Re-tie SAM's shared matrix, compute the rotary frequencies (not stored), check nothing is left on meta."""
-    tie_positional_embedding(model.sam)
-    rotary = model.llm.model.rotary_emb
-    model.llm.model.rotary_emb = type(rotary)(config=model.llm.config).to(device)
+    if model.sam is not None:  # an encoders-only build has neither SAM nor the LLM
+        tie_positional_embedding(model.sam)
+    if model.llm is not None:
+        rotary = model.llm.model.rotary_emb
+        model.llm.model.rotary_emb = type(rotary)(config=model.llm.config).to(device)
     left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if left:
         raise CheckpointError(f"not loaded (still on the meta device): {_listing(left)}")

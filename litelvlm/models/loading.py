@@ -56,8 +56,12 @@ def _require_checkpoint_name(checkpoint: str) -> None:
         )
 
 
-def load_assets(checkpoint: str, clip_checkpoint: str | None = None) -> ModelAssets:
-    """The architecture and tokenizers: of a tiny preset, or read from a released checkpoint's files."""
+def load_assets(checkpoint: str, clip_checkpoint: str | None = None, *, encoders_only: bool = False) -> ModelAssets:
+    """The architecture and tokenizers: of a tiny preset, or read from a released checkpoint's files.
+
+    `encoders_only`: read only what the CLIP towers need (see `read_checkpoint`); `config.sam` is
+    then the preset default, not read from the weights.
+    """
     if _is_tiny_preset(checkpoint):
         from litelvlm.models.tiny_assets import ensure_tiny_tokenizers
         from litelvlm.models.tokenizer import load_clip_tokenizer, load_llm_tokenizer
@@ -75,7 +79,7 @@ def load_assets(checkpoint: str, clip_checkpoint: str | None = None) -> ModelAss
     _require_checkpoint_name(checkpoint)
     from litelvlm.models.checkpoint import read_checkpoint
 
-    assets = read_checkpoint(checkpoint, clip_checkpoint)
+    assets = read_checkpoint(checkpoint, clip_checkpoint, encoders_only=encoders_only)
     return ModelAssets(assets.config, assets.llm_tokenizer, assets.clip_tokenizer, random_weights=False)
 
 
@@ -87,21 +91,33 @@ def load_lvlm(
     *,
     clip_checkpoint: str | None = None,
     device: str | torch.device = "cpu",
+    encoders_only: bool = False,
 ) -> PixelGroundingLVLM:
     """The frozen model: a tiny preset with weights drawn from `seed` (so every process gets the
-    same), or a released checkpoint (folder or hub id) through `from_pretrained`."""
+    same), or a released checkpoint (folder or hub id) through `from_pretrained`.
+
+    `encoders_only`: build and load the CLIP towers alone (no projector, LLM, [SEG] projection or
+    SAM); a preset's towers get the same weights as in a full build with the same seed.
+    """
     if _is_tiny_preset(checkpoint):
-        return _build_tiny(checkpoint, dtype, seed, seg_prompt_position, device)
+        return _build_tiny(checkpoint, dtype, seed, seg_prompt_position, device, encoders_only)
     _require_checkpoint_name(checkpoint)
     from litelvlm.models.checkpoint import from_pretrained
 
     loaded = from_pretrained(
-        checkpoint, dtype=dtype, device=device, clip_checkpoint=clip_checkpoint, seg_prompt_position=seg_prompt_position
+        checkpoint,
+        dtype=dtype,
+        device=device,
+        clip_checkpoint=clip_checkpoint,
+        seg_prompt_position=seg_prompt_position,
+        encoders_only=encoders_only,
     )
     return loaded.model
 
 
-def _build_tiny(checkpoint: str, dtype, seed: int, seg_prompt_position: str, device) -> PixelGroundingLVLM:
+def _build_tiny(
+    checkpoint: str, dtype, seed: int, seg_prompt_position: str, device, encoders_only: bool = False
+) -> PixelGroundingLVLM:
     from litelvlm.models.tokenizer import special_token_ids
 
     assets = load_assets(checkpoint)
@@ -114,7 +130,9 @@ def _build_tiny(checkpoint: str, dtype, seed: int, seg_prompt_position: str, dev
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = PixelGroundingLVLM(assets.config, ids.seg, clip_ids, seg_prompt_position=seg_prompt_position)
+        model = PixelGroundingLVLM(
+            assets.config, ids.seg, clip_ids, seg_prompt_position=seg_prompt_position, encoders_only=encoders_only
+        )
     finally:
         torch.random.set_rng_state(state)
     model.clip_tokenizer = clip

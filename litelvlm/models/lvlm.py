@@ -137,6 +137,9 @@ class PixelGroundingLVLM(nn.Module):
         clip_text_ids: (bos, eos, pad) of the CLIP text tokenizer; None builds no text tower.
         seg_prompt_position: `before` (the references: the state of the token just before each
             [SEG] prompts SAM) or `at` (research option: the [SEG] token's own state).
+        encoders_only: build the CLIP towers alone (studies that read only CLIP): `mm_projector`,
+            `llm`, `text_hidden_fcs` and `sam` are None, and grounding raises. The towers are
+            built first either way, so a seeded build gives them the same weights.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class PixelGroundingLVLM(nn.Module):
         seg_token_id: int,
         clip_text_ids: tuple[int, int, int] | None = None,
         seg_prompt_position: str = "before",
+        encoders_only: bool = False,
     ) -> None:
         super().__init__()
         if seg_prompt_position not in ("before", "at"):
@@ -152,15 +156,19 @@ class PixelGroundingLVLM(nn.Module):
         self.config = config
         self.seg_token_id = seg_token_id
         self.seg_prompt_position = seg_prompt_position
+        self.encoders_only = encoders_only
+        # CLIP first: the rest draws from the random stream after it, so leaving it out changes no CLIP weight.
         self.vision_tower = CLIPVisionModelWithProjection(clip_vision_config(config))
         self.text_tower = (
             CLIPTextModelWithProjection(clip_text_config(config, *clip_text_ids)) if clip_text_ids else None
         )
-        self.mm_projector = build_projector(config.projector, config.vision.hidden_size, config.llm.hidden_size)
-        self.llm = LlamaForCausalLM(llama_config(config))
-        h = config.llm.hidden_size
-        self.text_hidden_fcs = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.sam.prompt_dim))
-        self.sam = SamModel(sam_config(config))
+        self.mm_projector = self.llm = self.text_hidden_fcs = self.sam = None
+        if not encoders_only:
+            self.mm_projector = build_projector(config.projector, config.vision.hidden_size, config.llm.hidden_size)
+            self.llm = LlamaForCausalLM(llama_config(config))
+            h = config.llm.hidden_size
+            self.text_hidden_fcs = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.sam.prompt_dim))
+            self.sam = SamModel(sam_config(config))
         self.clip_tokenizer = None  # set by the loader; tokenises questions for the text tower
         self.stage_observer = None  # callable(stage name) -> context manager; see `stage`
         # Recompute each decoder layer in backward instead of keeping its activations (fine-tuning only).
@@ -170,6 +178,14 @@ class PixelGroundingLVLM(nn.Module):
     @property
     def num_patches(self) -> int:
         return self.config.num_patches
+
+    def _require_grounding_parts(self, what: str) -> None:
+        """An encoders-only build has no LLM, projector, [SEG] projection or SAM: say so, not AttributeError."""
+        if self.encoders_only:
+            raise LitelvlmError(
+                f"built encoders-only: {what} needs the projector, LLM, [SEG] projection and SAM, which are not "
+                "available (build the model without encoders_only)"
+            )
 
     def _select_hidden_index(self) -> int:
         """Index into CLIP's hidden-state tuple (embeddings first) of the features the LLM gets."""
@@ -279,6 +295,7 @@ class PixelGroundingLVLM(nn.Module):
         or `original`: the positions the tokens had in the unpruned sequence), the mask of the
         positions whose final state prompts SAM, and the sequence index of every visual token.
         """
+        self._require_grounding_parts("splice_visual_tokens")
         input_ids, attention_mask = batch.input_ids, batch.attention_mask
         b, length = input_ids.shape
         r = visual_embeds.shape[1]
@@ -339,6 +356,7 @@ class PixelGroundingLVLM(nn.Module):
     # ------------------------------------------------------------------ decoder
     def run_decoder(self, inputs: dict[str, Tensor], pruner: TokenPruner) -> tuple[Tensor, dict]:
         """The LLaMA decoder, one layer at a time, so that an in-LLM pruner can act between layers."""
+        self._require_grounding_parts("run_decoder")
         decoder = self.llm.model
         state = dict(inputs)
         prune_layer = pruner.prune_layer if pruner.acts_in_llm else None
@@ -439,10 +457,12 @@ class PixelGroundingLVLM(nn.Module):
     # ------------------------------------------------------------------ SAM
     def encode_sam_image(self, sam_pixel_values: Tensor) -> Tensor:
         """SAM's image embeddings [B, C, h, w]: once per image, whatever the prompts."""
+        self._require_grounding_parts("encode_sam_image")
         return self.sam.vision_encoder(sam_pixel_values.to(self.sam.dtype))[0]
 
     def decode_masks(self, batch: GroundingBatch, image_embeddings: Tensor, seg_embeddings: list[Tensor]) -> list[Tensor]:
         """SAM prompted by each [SEG] embedding (sparse) and no-mask (dense), one mask per prompt."""
+        self._require_grounding_parts("decode_masks")
         sam = self.sam
         positional = sam.get_image_wide_positional_embeddings()
         _, channels, height, width = image_embeddings.shape
@@ -492,6 +512,8 @@ class PixelGroundingLVLM(nn.Module):
         to follow) runs only the CLIP passes asked for: no SAM image encoder, and no vision tower
         when no vision signal is asked for.
         """
+        if for_grounding:
+            self._require_grounding_parts("encode(for_grounding=True)")
         needs = frozenset(extra_signals).union(*(pruner.required_signals for pruner in pruners))
         pruner_text_keys = [_text_key(p) for p in pruners if Signal.TEXT_EMBEDS in p.required_signals]
         text_keys = dict.fromkeys(pruner_text_keys + list(extra_text_keys))  # each once, in order
@@ -517,6 +539,7 @@ class PixelGroundingLVLM(nn.Module):
 
     def ground(self, batch: GroundingBatch, shared: SharedEncodings, pruner: TokenPruner) -> GroundingOutput:
         """The pruner-dependent part: select, project, splice, decode, prompt SAM."""
+        self._require_grounding_parts("ground")
         patch_features = shared.patch_features
         n = self.num_patches
         with self.stage("pruner_select"):

@@ -73,6 +73,9 @@ class EvaluationReport(L.Callback):
         path.write_text(json.dumps(results, indent=2) + "\n")
         print()
         print(format_results_table(rows))
+        finetuned = rows[0].get("finetuned")
+        if finetuned:  # the numbers are the fine-tuned model's, not the released weights'
+            print(f"weights: {rows[0]['checkpoint']} + fine-tuned tensors ({finetuned})")
         if any(row.get("random_weights") for row in rows):
             print(RANDOM_WEIGHTS_NOTE)
         print(f"results written to {path}")
