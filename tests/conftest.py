@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +67,13 @@ def sam_image_cache(model):
         yield
     finally:
         del encoder.forward
+
+
+@pytest.fixture(scope="session")
+def compare_tool():
+    """tools/compare.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("compare_tool", Path(__file__).resolve().parents[1] / "tools" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_tool"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,8 +4,6 @@ bootstrap intervals that are reproducible under the seed and shrink as images ar
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,15 +21,6 @@ HANDMADE = {
 # cIoU = sum I / sum U; gIoU = mean I / U with an empty union counting 1.
 NONE_CIOU, NONE_GIOU = 5 / 12, (0.5 + 1 + 0 + 1) / 4
 FASTV_CIOU, FASTV_GIOU = 6 / 17, (0.25 + 0.5 + 0.4 + 0) / 4
-
-
-@pytest.fixture(scope="module")
-def compare_tool():
-    spec = importlib.util.spec_from_file_location("compare_tool", REPO / "tools" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_tool"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_run(folder: Path, scores: dict[str, dict], copies: int = 1, split: str = "val") -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import sys
@@ -137,15 +136,6 @@ def visual_tokens_per_step(run_dir: Path) -> list[float]:
     accumulator = EventAccumulator(str(run_dir))
     accumulator.Reload()
     return [event.value for event in accumulator.Scalars("train/visual_tokens")]
-
-
-@pytest.fixture(scope="module")
-def compare_tool():
-    spec = importlib.util.spec_from_file_location("compare_tool", REPO / "tools" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_tool"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
