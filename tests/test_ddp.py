@@ -14,6 +14,7 @@ from unittest import mock
 
 import pyarrow.parquet as pq
 import pytest
+
 from process_helpers import run_in_session
 
 from litelvlm.cli import main

@@ -18,15 +18,16 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from process_helpers import run_in_session
 import torch
+from process_helpers import run_in_session
 from safetensors.torch import load_file, save_file
 
 from litelvlm.cli import main
 from litelvlm.data.datamodule import ReferringDataModule
-from litelvlm.engine.finetuned import CHECKPOINT_KEY, MANIFEST_FILE, WEIGHTS_FILE
+from litelvlm.engine.finetuned import CHECKPOINT_KEY, MANIFEST_FILE, WEIGHTS_FILE, file_digest
 from litelvlm.engine.finetuning import FineTuning, FineTuningError
 from litelvlm.engine.module import ReferringSegmentationModule
+from litelvlm.errors import LitelvlmError
 from litelvlm.pruners import LiteLVLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,9 +164,33 @@ def test_an_export_of_another_base_or_layout_or_content_is_refused(fitted, tmp_p
     tensors = load_file(str(run_dir / WEIGHTS_FILE))
     tensors["vision_tower.extra.weight"] = torch.zeros(1)
     save_file(tensors, str(tmp_path / WEIGHTS_FILE))
-    (tmp_path / MANIFEST_FILE).write_text((run_dir / MANIFEST_FILE).read_text())
+    manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(FineTuningError, match="does not match the sha256"):  # replaced weights: named, not trusted
+        ReferringSegmentationModule(finetuned=str(tmp_path))
+    manifest["sha256"] = file_digest(tmp_path / WEIGHTS_FILE)  # a consistent export with an extra tensor
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(FineTuningError, match="unexpected \\['vision_tower.extra.weight'\\]"):
         ReferringSegmentationModule(finetuned=str(tmp_path))
+
+
+def test_a_fit_checkpoint_without_finetuning_settings_points_to_the_export(fitted):
+    _, run_dir = fitted
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    with pytest.raises(LitelvlmError, match="--model.finetuned RUN_DIR"):
+        ReferringSegmentationModule(pruner=LiteLVLM(num_tokens=R)).on_load_checkpoint(checkpoint)
+
+
+def test_fit_refuses_a_sweep_and_half_precision_trained_weights():
+    from litelvlm.engine.finetuning import check_precision
+
+    pruners = [LiteLVLM(num_tokens=R), LiteLVLM(num_tokens=2 * R)]
+    module = ReferringSegmentationModule(pruners=pruners, finetuning=FineTuning())
+    with pytest.raises(LitelvlmError, match="fit trains with one pruner"):
+        module.setup("fit")
+    with pytest.raises(FineTuningError, match="not bf16-true"):
+        check_precision("bfloat16", "bf16-true")
+    check_precision("bfloat16", "bf16-mixed")  # the recipe's: accepted
 
 
 def test_a_checkpoint_of_another_base_is_refused_on_resume(fitted):

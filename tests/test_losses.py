@@ -141,3 +141,6 @@ def test_grounding_loss_weights_the_three_terms():
 def test_negative_loss_weights_are_rejected():
     with pytest.raises(LossInputError, match="dice"):
         LossWeights(dice=-1.0)
+    for bad in (float("nan"), float("inf"), "2"):  # not finite, or not a number: named, not a TypeError later
+        with pytest.raises(LossInputError, match="finite numbers >= 0.*'bce'"):
+            LossWeights(bce=bad)

@@ -65,7 +65,7 @@ def test_litelvlm_groups_are_the_similarity_and_context_sets(pruner, expected):
     kept, groups = pruner.select_with_groups(signals)
     assert torch.equal(pruner.select(signals), kept)
     assert kept.shape == (1, pruner.num_tokens)
-    assert sum(len(v) for v in expected.values()) == pruner.num_tokens
+    assert len(set(kept[0].tolist())) == pruner.num_tokens  # R distinct patches
 
 
 def test_single_sentence_keeps_only_similarity_aware_tokens():

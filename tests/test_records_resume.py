@@ -21,6 +21,7 @@ from unittest import mock
 
 import pyarrow as pa
 import pytest
+
 from process_helpers import run_in_session
 
 from litelvlm.cli import main

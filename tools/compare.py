@@ -58,6 +58,8 @@ def load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None = None) -
     """
     if labels is not None and (len(labels) != len(runs) or len(set(labels)) != len(labels)):
         raise CompareError(f"--labels needs one distinct label per run: {len(runs)} runs, labels {list(labels)}")
+    if labels is not None and any(":" in label or not label for label in labels):
+        raise CompareError(f"--labels must be non-empty and free of ':' (it separates label and configuration): {list(labels)}")
     tables, per_run = [], []
     for run in runs:
         manifest = read_manifest(run)

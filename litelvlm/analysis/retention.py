@@ -168,8 +168,7 @@ class TokenRetentionVisualizer(L.Callback):
             return
         if not hasattr(outputs, "outputs") or not hasattr(outputs, "scores"):
             raise StudyError(f"TokenRetentionVisualizer reads EvaluatedBatch outputs, got {type(outputs).__name__}")
-        vision = pl_module.lvlm.config.vision
-        grid = (vision.image_size // vision.patch_size,) * 2
+        grid = tuple(pl_module.lvlm.config.grid)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         writers = tensorboard_writers(trainer)
         mask_offset = 0
@@ -189,21 +188,19 @@ class TokenRetentionVisualizer(L.Callback):
 
     def _panel_record(self, outputs, batch, b, t, name, output, scores, mask_index, grid) -> dict:
         kept, groups, where = retained(output, b)
-        group_names = list(output.group_names)
-        if groups and max(groups) >= len(group_names):
-            raise StudyError(f"configuration {name}: group label {max(groups)} has no name in {group_names}")
+        group_names = list(output.group_names)  # labels index into them: the model checked that
         intersection, union = int(scores.intersection[mask_index]), int(scores.union[mask_index])
         sample_id = outputs.sample_ids[b]
-        sentence_ids = outputs.sentence_ids[b] if b < len(outputs.sentence_ids) else []
+        sentence_ids = outputs.sentence_ids[b]
         stem = f"{outputs.split}_sample{sample_id:06d}_sentence{t}_{safe_filename(name)}"
         return {
             "split": outputs.split,
             "sample_id": sample_id,
-            "image_id": outputs.image_ids[b] if b < len(outputs.image_ids) else str(sample_id),
+            "image_id": outputs.image_ids[b],
             "sentence": t,
             "sentence_id": sentence_ids[t] if t < len(sentence_ids) else None,
             "expression": batch.expressions[b][t],
-            "question": batch.questions[b][t] if t < len(batch.questions[b]) else None,
+            "question": batch.questions[b][t],
             "configuration": name,
             "selected": where,
             "R": len(kept),

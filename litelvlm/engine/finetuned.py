@@ -201,6 +201,8 @@ def attach(lvlm: nn.Module, finetuning: FineTuning | None, finetuned: str | None
     if finetuned is not None:
         weights = resolve_export(finetuned)
         manifest = read_manifest(weights)
+        if file_digest(weights) != manifest.get("sha256"):  # results name the weights by this digest
+            raise FineTuningError(f"{weights} does not match the sha256 in its {MANIFEST_FILE}: the file was replaced")
         check_base(manifest["base"], base, str(weights))
         saved = FineTuning.from_dict(manifest["finetuning"])
         if finetuning is not None:

@@ -257,6 +257,10 @@ def check_precision(model_dtype: str, precision: str | None) -> None:
         raise FineTuningError(
             f"fit with model.dtype {model_dtype} needs trainer.precision bf16-mixed (or 16-mixed); got {precision}"
         )
+    if str(precision) in ("bf16-true", "16-true", "bf16", "16"):  # would cast the float32 trained weights too
+        raise FineTuningError(
+            f"fit keeps the trained weights in float32: use trainer.precision bf16-mixed (or 16-mixed), not {precision}"
+        )
 
 
 def freeze(lvlm: nn.Module) -> None:

@@ -8,6 +8,7 @@ float32 whatever the model's dtype, so bf16/fp16 training sees the same loss val
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,12 @@ class LossWeights:
     dice: float = 0.5
 
     def __post_init__(self) -> None:
-        negative = {name: value for name, value in vars(self).items() if value < 0}
-        if negative:
-            raise LossInputError(f"loss weights must be >= 0, got {negative}")
+        bad = {
+            name: value for name, value in vars(self).items()
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+        }  # fmt: skip
+        if bad:
+            raise LossInputError(f"loss weights must be finite numbers >= 0, got {bad}")
 
 
 def next_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -190,6 +190,8 @@ class ReferringSegmentationModule(L.LightningModule):
             raise LitelvlmError("fit trains the whole model, but model.encoders_only builds only CLIP; set it false")
         if stage == "fit" and self.finetuning is None:
             raise LitelvlmError("fit needs model.finetuning (what to train and how); see configs/finetune_demo.yaml")
+        if stage == "fit" and self.is_sweep:
+            raise LitelvlmError("fit trains with one pruner: set model.pruner, not model.pruners / model.sweep")
         if stage == "fit":  # the frozen parts are in eval mode on purpose (set_training_modes)
             check_precision(self.hparams.dtype, self.trainer.precision)
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -353,6 +355,11 @@ class ReferringSegmentationModule(L.LightningModule):
             finetuned_weights.trim_checkpoint(checkpoint, self.trained.names, self.finetuning, self.base_identity)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetuning is None and finetuned_weights.CHECKPOINT_KEY in checkpoint:
+            raise LitelvlmError(
+                "this is a fit checkpoint (the trained tensors only): resume it with the fit's model.finetuning, "
+                "or evaluate the fit's export with --model.finetuned RUN_DIR"
+            )
         if self.finetuning is not None:
             finetuned_weights.check_checkpoint(checkpoint, self.trained.names, self.finetuning, self.base_identity)
 

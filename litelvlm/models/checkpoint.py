@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -158,40 +158,47 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_index(index: Path, folder: Path) -> list[Path]:
-    weight_map = _weight_map(index)
-    files = [folder / name for name in sorted(set(weight_map.values()))]
+# (format, shard index, single file), in order of preference: safetensors first when both are there.
+WEIGHT_LAYOUTS = (
+    ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+    ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def _shard_files(folder: Path, names, index: Path) -> list[Path]:
+    """The shards an index names, checked to be there."""
+    files = [folder / name for name in sorted(set(names))]
     missing = [path.name for path in files if not path.is_file()]
     if missing:
         raise CheckpointError(f"{folder}: shards listed in {index.name} are missing: {', '.join(missing)}")
     return files
 
 
+def _check_keys_agree(listed: set[str], found: set[str], index: Path) -> None:
+    if listed != found:
+        raise CheckpointError(f"{index.name} and the shards disagree on the keys: {_listing(sorted(listed ^ found))}")
+
+
 def find_weight_files(folder: Path) -> WeightFiles:
     """Sharded (with an index) or single-file weights; safetensors preferred when both are there."""
-    for fmt, index_name, single in (
-        ("safetensors", "model.safetensors.index.json", "model.safetensors"),
-        ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        if (folder / index_name).is_file():
-            return WeightFiles(fmt, _read_index(folder / index_name, folder))
-        if (folder / single).is_file():
-            return WeightFiles(fmt, [folder / single])
-    raise CheckpointError(
-        f"{folder} holds no weights: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)"
-    )
+    found = _weight_layout(folder)
+    if found is None:
+        raise CheckpointError(
+            f"{folder} holds no weights: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)"
+        )
+    fmt, index, single = found
+    if index is not None:
+        return WeightFiles(fmt, _shard_files(folder, _weight_map(index).values(), index))
+    return WeightFiles(fmt, [single])
 
 
-def _weight_index(folder: Path) -> tuple[str, Path] | None:
-    """The shard index `find_weight_files` would follow (format, path); None for a single weight file."""
-    for fmt, index_name, single in (
-        ("safetensors", "model.safetensors.index.json", "model.safetensors"),
-        ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
+def _weight_layout(folder: Path) -> tuple[str, Path | None, Path | None] | None:
+    """(format, shard index or None, single file or None) of the weights in `folder`; None if none."""
+    for fmt, index_name, single in WEIGHT_LAYOUTS:
         if (folder / index_name).is_file():
-            return fmt, folder / index_name
+            return fmt, folder / index_name, None
         if (folder / single).is_file():
-            return None
+            return fmt, None, folder / single
     return None
 
 
@@ -202,39 +209,29 @@ def _encoder_weights(name_or_path, folder: Path, is_local: bool, hub: dict):
     (and, for a hub id, fetched); a single weight file is opened for its keys, its data read only
     when it holds CLIP tensors. Returns (weights, shapes of the opened files, plan, every key).
     """
-    index = _weight_index(folder)
-    if index is None:
+    layout = _weight_layout(folder)
+    if layout is None or layout[1] is None:  # a single weight file (or, for a hub id, not fetched yet)
         weights = find_weight_files(folder) if is_local else _fetch_weights(str(name_or_path), folder, **hub)
         shapes = weights.shapes()
         plan = restrict_to_encoders(plan_keys(shapes))
         return WeightFiles(weights.format, weights.files if plan.targets else []), shapes, plan, set(shapes)
-    fmt, index_path = index
+    fmt, index_path, _ = layout
     weight_map = _weight_map(index_path)
     plan = restrict_to_encoders(plan_keys(weight_map))
     names = sorted({weight_map[key] for key in plan.targets})
     if names and not is_local:
         folder = _snapshot(str(name_or_path), CHECKPOINT_METADATA + names, "model checkpoint", **hub)
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{folder}: shards listed in {index_path.name} are missing: {', '.join(missing)}")
-    weights = WeightFiles(fmt, [folder / name for name in names])
+    weights = WeightFiles(fmt, _shard_files(folder, names, index_path))
     shapes = weights.shapes()
-    listed = {key for key, name in weight_map.items() if name in names}
-    if set(shapes) != listed:
-        differ = sorted(set(shapes) ^ listed)
-        raise CheckpointError(f"{index_path.name} and the shards disagree on the keys: {_listing(differ)}")
+    _check_keys_agree({key for key, name in weight_map.items() if name in names}, set(shapes), index_path)
     return weights, shapes, plan, set(weight_map)
 
 
 def _check_index(weights: WeightFiles, keys: set[str], folder: Path) -> None:
-    name = "model.safetensors.index.json" if weights.format == "safetensors" else "pytorch_model.bin.index.json"
-    index = folder / name
+    index = folder / next(index_name for fmt, index_name, _ in WEIGHT_LAYOUTS if fmt == weights.format)
     if not index.is_file():
         return
-    listed = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    if listed != keys:
-        differ = sorted(listed ^ keys)
-        raise CheckpointError(f"{index.name} and the shards disagree on the keys: {_listing(differ)}")
+    _check_keys_agree(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]), keys, index)
 
 
 def _listing(keys: list[str]) -> str:
@@ -268,8 +265,7 @@ def restrict_to_encoders(plan: KeyPlan) -> KeyPlan:
             skipped.append(key)
     unknown = [key for key in plan.unknown if not key.startswith(plan.sam_prefix)]
     skipped += [key for key in plan.unknown if key.startswith(plan.sam_prefix)]
-    return KeyPlan(plan.kind, plan.sam_prefix, plan.iou_head_depth, targets, plan.unused, plan.dropped, unknown,
-                   sorted(skipped))
+    return replace(plan, targets=targets, unknown=unknown, skipped=sorted(skipped))
 
 
 def detect_kind(keys) -> str:

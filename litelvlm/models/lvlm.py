@@ -385,6 +385,7 @@ class PixelGroundingLVLM(nn.Module):
             visual_counts.append(state["visual_positions"].shape[1])
             lengths.append(hidden.shape[1])
             run_layer = layer
+            # By hand: transformers' gradient checkpointing acts only on layers in train mode; these stay in eval.
             if self.activation_checkpointing and torch.is_grad_enabled():  # fine-tuning: recompute in backward
                 run_layer = functools.partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
             hidden = run_layer(
@@ -579,8 +580,8 @@ class PixelGroundingLVLM(nn.Module):
             seg_embeddings = self.text_hidden_fcs(seg_states).split(counts)
             mask_logits = self.decode_masks(batch, shared.sam_image_embeddings, list(seg_embeddings))
         llm_kept_indices = None
-        if trace["llm_kept"] is not None:  # positions among the visual tokens fed to the LLM -> patch indices
-            llm_kept_indices = torch.gather(kept, 1, trace["llm_kept"])
+        if trace["llm_kept"] is not None:  # an in-LLM pruner was fed all N patches in order: positions = indices
+            llm_kept_indices = trace["llm_kept"]
             groups = torch.zeros_like(llm_kept_indices)  # an in-LLM selection is one group
         return GroundingOutput(
             mask_logits=mask_logits,

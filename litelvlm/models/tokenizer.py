@@ -21,7 +21,6 @@ from litelvlm.errors import LitelvlmError
 from litelvlm.models.prompts import IM_END, IM_START, IMAGE_PLACEHOLDER, SEG_TOKEN
 
 IMAGE_TOKEN_INDEX = -200  # sentinel where the visual features are spliced in
-IGNORE_INDEX = -100  # label of positions without a loss
 IMAGE_PATCH_TOKEN = "<im_patch>"  # LLaVA v1 lineage (LISA) only
 
 
