@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchmetrics.functional import auroc
 
 from litelvlm.analysis import SimilarityReversalStudy, bootstrap_mean
-from litelvlm.analysis.reversal import measure_sample, patch_coverage, referent_recall
+from litelvlm.analysis.reversal import StudyError, low_similarity_auroc, measure_sample, patch_coverage, referent_recall
 from litelvlm.pruners.base import VisualSignals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ def one_sample_signals(patch_embeds: torch.Tensor, text_embeds: torch.Tensor, se
     )
 
 
-def test_auroc_matches_torchmetrics_and_ignores_partly_covered_patches():
+def test_auroc_is_the_mann_whitney_statistic_and_ignores_partly_covered_patches():
     g = torch.Generator().manual_seed(1)
     patch_embeds, text_embeds = torch.randn(GRID * GRID, 16, generator=g), torch.randn(1, 16, generator=g)
     coverage = torch.zeros(1, GRID * GRID)
@@ -72,11 +71,47 @@ def test_auroc_matches_torchmetrics_and_ignores_partly_covered_patches():
     labelled = np.r_[0:200, 260:GRID * GRID]
     inside = np.zeros(GRID * GRID, dtype=bool)
     inside[100:200] = True
-    expected = auroc(torch.from_numpy(-s[labelled]), torch.from_numpy(inside[labelled]).long(), task="binary")
     assert rows[0]["num_inside"] == 100 and rows[0]["num_outside"] == 576 - 160
-    assert rows[0]["auroc"] == pytest.approx(float(expected), abs=1e-6)
-    assert rows[0]["auroc"] == pytest.approx(mann_whitney_auroc(-s[labelled], inside[labelled]), abs=1e-6)
+    assert rows[0]["auroc"] == pytest.approx(mann_whitney_auroc(-s[labelled], inside[labelled]), abs=1e-9)
     assert rows[0]["mean_inside"] == pytest.approx(float(s[inside].mean()), abs=1e-5)
+
+
+def test_auroc_by_hand_with_ties_at_hundreds():
+    # -s: inside 50, 50, -50, -500 vs outside 500, 50, 0, -60. Pairs won by inside: each 50 beats 0 and
+    # -60 and ties 50 (2.5 each), -50 beats -60 (1), -500 none: 6 of 16.
+    s = torch.tensor([-50.0, -50.0, 50.0, 500.0, -500.0, -50.0, 0.0, 60.0])
+    inside = torch.tensor([True] * 4 + [False] * 4)
+    assert low_similarity_auroc(s, inside) == 6 / 16
+
+
+def test_auroc_does_not_saturate_for_raw_similarities_of_tens():
+    # s = -20 + 25 z; the insides sit at ranks 2, 4, 6, 7 of the 8 values of -s: U = 19 - 10 = 9 of 16.
+    # 72 exact copies (576 patches, ties across copies) keep every pair's outcome: 0.5625 exactly. Four
+    # of the values are below -16.6, where float32 sigmoid(-s) is 1.0: a sigmoid-based AUROC ties them.
+    z = torch.tensor([3.0, 2.0, 1.0, 0.5, -0.5, -1.0, -2.0, -3.0])  # -s ascending
+    inside = torch.tensor([False, True, False, True, False, True, True, False])
+    s, labels = (-20 + 25 * z).repeat(72), inside.repeat(72)
+    assert low_similarity_auroc(s, labels) == 0.5625
+    assert torch.sigmoid(-s[z.repeat(72) <= -0.5]).eq(1.0).all()  # the saturation this avoids
+
+
+@pytest.mark.parametrize("scale", [50.0, 500.0])
+def test_auroc_equals_a_written_out_mann_whitney_at_large_magnitudes_with_ties(scale):
+    rng = np.random.default_rng(int(scale))
+    s = (scale * rng.integers(-4, 5, size=576) + rng.choice([0.0, 0.25], size=576)).astype(np.float32)
+    inside = rng.random(576) < 0.2
+    inside[:2], inside[2:4] = True, False
+    assert len(np.unique(s)) < 20  # heavy ties
+    expected = mann_whitney_auroc(-s.astype(np.float64), inside)
+    got = low_similarity_auroc(torch.from_numpy(s), torch.from_numpy(inside))
+    assert got == pytest.approx(expected, abs=1e-12)
+    flipped = low_similarity_auroc(torch.from_numpy(-s), torch.from_numpy(inside))
+    assert got + flipped == pytest.approx(1.0, abs=1e-12)  # ranking by s instead of -s: the complement
+
+
+def test_auroc_refuses_a_single_class():
+    with pytest.raises(StudyError, match="inside and outside"):
+        low_similarity_auroc(torch.randn(5), torch.ones(5, dtype=torch.bool))
 
 
 def test_planted_reversal_is_found_and_lowest_similarity_recalls_the_object_best():

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torchmetrics.functional import auroc
 
 from litelvlm.analysis.bootstrap import bootstrap_mean
 from litelvlm.errors import LitelvlmError
@@ -60,9 +59,28 @@ def patch_coverage(mask: Tensor, image_size: int, patch_size: int) -> Tensor:
     return mask_to_clip_patch_coverage(mask, image_size, patch_size).flatten()
 
 
+def mid_ranks(values: Tensor) -> Tensor:
+    """float64 ranks 1..n of `values`, tied values sharing the mean of the ranks they span."""
+    _, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # the highest rank of each distinct value
+    return (last - (counts.double() - 1) / 2)[inverse]
+
+
 def low_similarity_auroc(similarity: Tensor, inside: Tensor) -> float:
-    """AUROC of -s predicting inside, over inside and outside patches only (0.5 = no signal)."""
-    return float(auroc(-similarity.float(), inside.long(), task="binary"))
+    """AUROC of -s predicting inside, over inside and outside patches only (0.5 = no signal).
+
+    Exact at any magnitude: the Mann-Whitney U of the ranks of -s (ties count one half), divided by
+    n_inside * n_outside. No sigmoid, so raw dot products of tens do not saturate into ties.
+    """
+    if similarity.shape != inside.shape or similarity.dim() != 1:
+        raise StudyError(f"similarity {tuple(similarity.shape)} and inside {tuple(inside.shape)} must be equal 1-d shapes")
+    inside = inside.bool()
+    num_inside, num_outside = int(inside.sum()), int((~inside).sum())
+    if num_inside == 0 or num_outside == 0:
+        raise StudyError(f"the AUROC needs inside and outside patches, got {num_inside} inside, {num_outside} outside")
+    ranks = mid_ranks(-similarity.double())
+    u = float(ranks[inside].sum()) - num_inside * (num_inside + 1) / 2
+    return u / (num_inside * num_outside)
 
 
 def referent_recall(kept: Tensor, inside: Tensor) -> float:
