@@ -11,7 +11,17 @@ import torch
 from PIL import Image
 
 from litelvlm.analysis import SimilarityReversalStudy, bootstrap_mean
-from litelvlm.analysis.reversal import StudyError, low_similarity_auroc, measure_sample, patch_coverage, referent_recall
+from litelvlm.analysis.reversal import (
+    SKIP_CROPPED,
+    SKIP_SMALL,
+    StudyError,
+    low_similarity_auroc,
+    measure_sample,
+    patch_coverage,
+    referent_recall,
+    summary_lines,
+)
+from litelvlm.pruners import LiteLVLM
 from litelvlm.pruners.base import VisualSignals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +136,7 @@ def test_planted_reversal_is_found_and_lowest_similarity_recalls_the_object_best
     study = SimilarityReversalStudy(budgets=[16, 32, 64], k=32)
     rows, z_values = measure_sample(one_sample_signals(patch_embeds, text), coverage, study.selectors)
 
-    assert [row["skipped"] for row in rows] == [None, "no inside patch"]
+    assert [row["skipped"] for row in rows] == [None, SKIP_CROPPED]
     assert len(z_values) == 1 and len(z_values[0][0]) == 40
     row = rows[0]
     assert row["auroc"] > 0.9
@@ -136,9 +146,78 @@ def test_planted_reversal_is_found_and_lowest_similarity_recalls_the_object_best
         lowest = row["recall"]["lowest-similarity"][budget]
         others = {rule: r[budget] for rule, r in row["recall"].items() if rule not in ("lowest-similarity", "litelvlm")}
         assert all(lowest > value for value in others.values()), (budget, lowest, others)
-        # With one sentence LiteLVLM's similarity set fills the whole budget: it equals lowest-similarity.
-        assert row["recall"]["litelvlm"][budget] == lowest
+        # LiteLVLM selects as evaluated, with both sentences (R // 2 lowest of each, then context).
+        kept = LiteLVLM(num_tokens=int(budget)).select(one_sample_signals(patch_embeds, text))[0]
+        assert row["recall"]["litelvlm"][budget] == referent_recall(kept, block)
     assert row["recall"]["lowest-similarity"]["64"] >= 0.9
+
+
+def test_litelvlm_recall_is_measured_on_the_kept_set_of_all_the_images_sentences():
+    # 16 patches, 2 sentences: each sentence's three lowest similarities sit on its own object.
+    s = torch.arange(1.0, 17.0).repeat(2, 1)
+    s[0, [0, 1, 2]] = torch.tensor([-3.0, -2.0, -1.0])
+    s[1, [8, 9, 10]] = torch.tensor([-3.0, -2.0, -1.0])
+    coverage = torch.zeros(2, 16)
+    coverage[0, [0, 1, 2]] = coverage[1, [8, 9, 10]] = 1.0
+    study = SimilarityReversalStudy(budgets=[4], rules=["lowest-similarity", "litelvlm"], k=2)
+    rows, _ = measure_sample(one_sample_signals(s.T.contiguous(), torch.eye(2)), coverage, study.selectors)
+    # R // T = 2 per sentence: S = {0, 1} | {8, 9} fills R = 4, so each object keeps 2 of its 3 patches;
+    # one sentence alone (the lowest-similarity rule) keeps all 3 of its object's patches.
+    assert [row["recall"]["litelvlm"]["4"] for row in rows] == pytest.approx([2 / 3, 2 / 3])
+    assert [row["recall"]["lowest-similarity"]["4"] for row in rows] == [1.0, 1.0]
+
+
+def synthetic_rows(study: SimilarityReversalStudy) -> list[dict]:
+    """Rows of three images (16 patches, the object on patches 0-3 unless said otherwise), outcomes by hand:
+
+    image a: sentence 0 inside [-10, 1, 1, 1] vs outside 0: mean below (-1.75 < 0), AUROC 12/48 = 0.25;
+             sentence 1 inside [1, 1, 1, 1]: neither.
+    image b: sentence 0 inside [-1] * 4: both (AUROC 1); sentence 1 inside [5, -1, -1, -1]: mean above
+             (0.5 > 0), AUROC 36/48 = 0.75.
+    image c: sentence 0 covers a third of patch 0 (small), sentence 1 nothing (outside the crop).
+    """
+    inside_values = {("a", 0): [-10, 1, 1, 1], ("a", 1): [1, 1, 1, 1], ("b", 0): [-1, -1, -1, -1], ("b", 1): [5, -1, -1, -1]}
+    rows = []
+    for sample_id, image in enumerate("abc"):
+        s = torch.zeros(2, 16)
+        coverage = torch.zeros(2, 16)
+        if image == "c":
+            coverage[0, 0] = 1 / 3
+        else:
+            for t in range(2):
+                s[t, :4] = torch.tensor(inside_values[image, t], dtype=torch.float32)
+                coverage[t, :4] = 1.0
+        measured, _ = measure_sample(one_sample_signals(s.T.contiguous(), torch.eye(2)), coverage, study.selectors,
+                                     study.inside_threshold, study.k)
+        rows += [{**row, "split": "val", "sample_id": sample_id, "image_id": image} for row in measured]
+    return rows
+
+
+def test_reversal_rates_and_skip_counts_match_hand_counts():
+    study = SimilarityReversalStudy(budgets=[4], rules=["random"], k=4, bootstrap_resamples=2000)
+    rows = synthetic_rows(study)
+    assert [row.get("auroc") for row in rows[:4]] == [0.25, 0.0, 1.0, 0.75]
+    assert [row["skipped"] for row in rows[4:]] == [SKIP_SMALL, SKIP_CROPPED]
+    summary = study.summarise(rows, [])
+    rates = summary["aggregates"]["rates"]
+    below, above_half = rates["mean_inside_below_outside"], rates["auroc_above_half"]
+    assert below["mean"] == 0.5 and above_half["mean"] == 0.5 and below["n"] == 4 and below["groups"] == 2
+    # Resampling whole images: each image holds one of its two sentences below, so every draw is 0.5;
+    # for the AUROC image a holds 0 of 2 and b 2 of 2, so a draw of (a, a) gives 0 and (b, b) 1.
+    assert below["low"] == below["high"] == 0.5
+    assert above_half["low"] == 0.0 and above_half["high"] == 1.0
+    assert summary["num_skipped_by_reason"] == {SKIP_SMALL: 1, SKIP_CROPPED: 1, "no outside patch": 0}
+    assert summary["referent_area"]["measured"]["mean"] == 4 / 16
+    assert summary["referent_area"]["skipped"]["mean"] == pytest.approx((1 / 3 / 16 + 0) / 2)
+    lines = summary_lines(summary)
+    assert "50% (95% CI 50-50%)" in lines[1] and "50% (95% CI 0-100%)" in lines[2]
+    assert "skipped 2: 1 small or thin (no patch covered >= 0.5), 1 outside the CLIP crop" in lines[3]
+
+
+def test_a_lower_coverage_threshold_measures_the_small_referent():
+    study = SimilarityReversalStudy(budgets=[4], rules=["random"], k=4, inside_threshold=0.25)
+    rows = synthetic_rows(study)
+    assert rows[4]["skipped"] is None and rows[4]["num_inside"] == 1 and rows[5]["skipped"] == SKIP_CROPPED
 
 
 def test_referent_recall_counts_the_kept_inside_patches():
@@ -159,7 +238,7 @@ def test_bootstrap_resamples_whole_images_with_a_seed():
     assert single["low"] == single["high"] == 3.0
 
 
-def test_reversal_config_runs_end_to_end(tmp_path):
+def test_reversal_config_runs_end_to_end(tmp_path, capsys):
     from litelvlm.cli import main
 
     main(["validate", "--config", str(REPO / "configs/studies/reversal.yaml"), "--trainer.limit_val_batches", "2",
@@ -178,4 +257,17 @@ def test_reversal_config_runs_end_to_end(tmp_path):
     for name in ("reversal_similarity_histograms.png", "reversal_referent_recall.png"):
         with Image.open(path.parent / name) as image:
             assert image.size[0] > 100 and image.size[1] > 100
-    assert list(path.parent.glob("events.out.tfevents.*"))
+    for name in ("mean_inside_below_outside", "auroc_above_half"):
+        rate = report["aggregates"]["rates"][name]
+        assert 0.0 <= rate["low"] <= rate["mean"] <= rate["high"] <= 1.0 and rate["n"] == report["num_measured"]
+        measured = [row[name] for row in rows if row["skipped"] is None]
+        assert rate["mean"] == pytest.approx(sum(measured) / len(measured))
+    assert sum(report["num_skipped_by_reason"].values()) == report["num_skipped"]
+    assert report["settings"]["rules_with_all_sentences"] == ["litelvlm"]
+    console = capsys.readouterr().out
+    assert "mean similarity inside < outside:" in console and "AUROC of low similarity > 0.5:" in console
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path.parent))
+    accumulator.Reload()
+    assert {"reversal/rate/mean_inside_below_outside", "reversal/rate/auroc_above_half"} <= set(accumulator.Tags()["scalars"])

@@ -45,9 +45,16 @@ RULE_PRUNERS = {
     "vispruner": "vispruner",
     "random": "random",
 }
+# Rules run as the model runs them, with ALL of the image's sentences as text (LiteLVLM: R // T
+# lowest per sentence, then the context fill); recall is then measured per sentence on that one set.
+# The other text rules see one sentence alone (T = 1): that is their definition.
+IMAGE_RULES = frozenset({"litelvlm"})
 HISTOGRAM_EDGES = np.linspace(-5.0, 5.0, 51)  # similarity in units of the sentence's std, centred
 SCALARS = ("auroc", "mean_inside", "mean_outside", "standardized_difference", "inside_share_lowest_k",
            "inside_share_highest_k", "inside_share_all")
+# The claims as per-referent yes/no outcomes; their mean over referents is the share that agrees.
+RATES = ("mean_inside_below_outside", "auroc_above_half")
+SKIP_SMALL, SKIP_CROPPED, SKIP_NO_OUTSIDE = "small or thin", "outside the CLIP crop", "no outside patch"
 
 
 class StudyError(LitelvlmError):
@@ -119,7 +126,11 @@ def measure_sample(
 
     `signals` holds one sample (batch of one) with `text_embeds` [1, T, P] and whatever the selectors
     need; `coverage` is [T, N]. A sentence with no inside or no outside patch gets a row with
-    `skipped` set and no measurements. Returns (rows, [z_inside, z_outside] per measured sentence).
+    `skipped` set (`SKIP_SMALL`: some patch covered, none by `inside_threshold`; `SKIP_CROPPED`: no
+    patch covered at all; `SKIP_NO_OUTSIDE`) and no measurements; every row keeps `area` (the share
+    of the crop the referent covers) and `max_coverage`, so the skipped referents can be described.
+    Rules in `IMAGE_RULES` select once with all T sentences; the others with each sentence alone.
+    Returns (rows, [z_inside, z_outside] per measured sentence).
     """
     patch_embeds = signals.require(Signal.PATCH_EMBEDS).float()
     text_embeds = signals.require(Signal.TEXT_EMBEDS).float()
@@ -129,14 +140,17 @@ def measure_sample(
     if coverage.shape != similarity.shape:
         raise StudyError(f"coverage {tuple(coverage.shape)} does not match the similarities {tuple(similarity.shape)}")
     rows, z_values = [], []
-    text_free: dict[tuple[str, int], Tensor] = {}  # selections that do not read the text, made once
+    per_image: dict[tuple[str, int], Tensor] = {}  # selections that do not depend on the sentence, made once
+    image = VisualSignals(**{**vars(signals), "patch_embeds": patch_embeds, "text_embeds": text_embeds,
+                             "text_mask": torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)})
     for t in range(similarity.shape[0]):
         s, cov = similarity[t], coverage[t].to(similarity.device)
         inside, outside = cov >= inside_threshold, cov == 0
         row = {"sentence": t, "num_inside": int(inside.sum()), "num_outside": int(outside.sum()),
-               "num_patches": int(s.numel())}
+               "num_patches": int(s.numel()), "area": float(cov.mean()), "max_coverage": float(cov.max())}
         if row["num_inside"] == 0 or row["num_outside"] == 0:
-            rows.append({**row, "skipped": "no inside patch" if row["num_inside"] == 0 else "no outside patch"})
+            reason = SKIP_NO_OUTSIDE if row["num_inside"] else SKIP_SMALL if row["max_coverage"] > 0 else SKIP_CROPPED
+            rows.append({**row, "skipped": reason})
             continue
         std = float(s.std())
         z = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
@@ -148,19 +162,25 @@ def measure_sample(
         for rule, by_budget in selectors.items():
             recall[rule] = {}
             for budget, pruner in by_budget.items():
-                if Signal.TEXT_EMBEDS in pruner.required_signals:
+                if Signal.TEXT_EMBEDS in pruner.required_signals and rule not in IMAGE_RULES:
                     kept = pruner.select(sentence)[0]
-                else:
-                    kept = text_free.setdefault((rule, budget), pruner.select(sentence)[0])
+                else:  # the same set for every sentence of the image
+                    if (rule, budget) not in per_image:
+                        per_image[rule, budget] = pruner.select(image)[0]
+                    kept = per_image[rule, budget]
                 recall[rule][str(budget)] = referent_recall(kept, inside)
         labelled = inside | outside
+        mean_inside, mean_outside = float(s[inside].mean()), float(s[outside].mean())
+        auroc = low_similarity_auroc(s[labelled], inside[labelled])
         row.update(
             skipped=None,
-            mean_inside=float(s[inside].mean()),
-            mean_outside=float(s[outside].mean()),
+            mean_inside=mean_inside,
+            mean_outside=mean_outside,
             std=std,
             standardized_difference=float((s[inside].mean() - s[outside].mean()) / std) if std > 0 else 0.0,
-            auroc=low_similarity_auroc(s[labelled], inside[labelled]),
+            auroc=auroc,
+            mean_inside_below_outside=mean_inside < mean_outside,
+            auroc_above_half=auroc > 0.5,
             inside_share_lowest_k=float(inside[lowest].float().mean()),
             inside_share_highest_k=float(inside[highest].float().mean()),
             inside_share_all=float(inside.float().mean()),
@@ -352,7 +372,10 @@ class SimilarityReversalStudy(L.Callback):
         measured = [row for row in rows if row["skipped"] is None]
         groups = [row["image_id"] for row in measured]
         ci = lambda values: bootstrap_mean(values, groups, self.bootstrap_resamples, 0.95, self.seed)  # noqa: E731
+        area = lambda subset: bootstrap_mean([r["area"] for r in subset], [r["image_id"] for r in subset],  # noqa: E731
+                                             self.bootstrap_resamples, 0.95, self.seed)
         aggregates = {name: ci([row[name] for row in measured]) for name in SCALARS}
+        aggregates["rates"] = {name: ci([float(row[name]) for row in measured]) for name in RATES}
         aggregates["referent_recall"] = {
             rule: {str(b): ci([row["recall"][rule][str(b)] for row in measured]) for b in self.budgets}
             for rule in self.rules
@@ -362,12 +385,17 @@ class SimilarityReversalStudy(L.Callback):
         clip = lambda x: np.clip(x, HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1])  # noqa: E731
         return {
             "settings": {"budgets": self.budgets, "rules": {r: RULE_PRUNERS[r] for r in self.rules},
+                         "rules_with_all_sentences": sorted(IMAGE_RULES & set(self.rules)),
                          "inside_threshold": self.inside_threshold, "k": self.k, "cosine": self.cosine,
                          "text_source": self.text_source, "seed": self.seed,
                          "bootstrap_resamples": self.bootstrap_resamples, "confidence": 0.95},
             "num_sentences": len(rows),
             "num_measured": len(measured),
             "num_skipped": len(rows) - len(measured),
+            "num_skipped_by_reason": {reason: sum(row["skipped"] == reason for row in rows)
+                                      for reason in (SKIP_SMALL, SKIP_CROPPED, SKIP_NO_OUTSIDE)},
+            # The skip's bias: the referents left out are the small ones (area = share of the crop).
+            "referent_area": {"measured": area(measured), "skipped": area([r for r in rows if r["skipped"] is not None])},
             "num_images": len(set(groups)),
             "aggregates": aggregates,
             "histogram": {"edges": HISTOGRAM_EDGES.tolist(),
@@ -387,6 +415,9 @@ class SimilarityReversalStudy(L.Callback):
             for name in SCALARS:
                 if aggregates[name]["mean"] is not None:
                     writer.add_scalar(f"reversal/{name}", aggregates[name]["mean"], 0)
+            for name, stats in aggregates["rates"].items():
+                if stats["mean"] is not None:
+                    writer.add_scalar(f"reversal/rate/{name}", stats["mean"], 0)
             for rule, by_budget in aggregates["referent_recall"].items():
                 for budget, stats in by_budget.items():
                     if stats["mean"] is not None:  # the x axis (step) is the budget
@@ -395,7 +426,29 @@ class SimilarityReversalStudy(L.Callback):
                 writer.add_histogram("reversal/similarity_z/inside", np.concatenate([z[0] for z in z_values]), 0)
                 writer.add_histogram("reversal/similarity_z/outside", np.concatenate([z[1] for z in z_values]), 0)
             writer.flush()
+        for line in summary_lines(summary):
+            print(line)
         print(f"similarity reversal written to {folder / self.filename}")
+
+
+def percent(stats: dict) -> str:
+    """`57% (95% CI 50-64%)` of a bootstrap_mean of 0/1 outcomes."""
+    return f"{100 * stats['mean']:.0f}% (95% CI {100 * stats['low']:.0f}-{100 * stats['high']:.0f}%)"
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The console summary: the two reversal rates and how many referents were skipped, and why."""
+    rates, measured = summary["aggregates"]["rates"], summary["num_measured"]
+    threshold = summary["settings"]["inside_threshold"]
+    lines = [f"similarity reversal: {measured} referents measured over {summary['num_images']} images"]
+    if measured:
+        lines += [f"  mean similarity inside < outside: {percent(rates['mean_inside_below_outside'])}",
+                  f"  AUROC of low similarity > 0.5:     {percent(rates['auroc_above_half'])}"]
+    by_reason = summary["num_skipped_by_reason"]
+    lines.append(f"  skipped {summary['num_skipped']}: {by_reason[SKIP_SMALL]} small or thin (no patch covered "
+                 f">= {threshold}), {by_reason[SKIP_CROPPED]} outside the CLIP crop, "
+                 f"{by_reason[SKIP_NO_OUTSIDE]} with no outside patch")
+    return lines
 
 
 def _pyplot():
