@@ -22,10 +22,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from litelvlm.analysis.bootstrap import bootstrap_mean
 from litelvlm.analysis.reversal import (
     StudyError,
     _pyplot,
     gather_objects,
+    percent,
     split_name,
     study_folder,
     tensorboard_writers,
@@ -62,6 +64,16 @@ def eos_attention_shares(attentions: Sequence[Tensor], eos_positions: Tensor) ->
     }
 
 
+def sos_is_largest(attentions: Sequence[Tensor], eos_positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Whether the [EOS] row's largest weight is on [SOS] (ties count for [SOS]): bool [Q, layers, heads]
+    per head, and bool [Q, layers] for the head-averaged row (the row the project page draws)."""
+    stacked = torch.stack([a.double() for a in attentions], dim=1)  # [Q, L, H, S, S]
+    rows = stacked[torch.arange(len(eos_positions)), :, :, eos_positions]  # [Q, L, H, S]
+    head_mean = rows.mean(dim=2)  # [Q, L, S]
+    largest = lambda r: r[..., 0] >= r.max(dim=-1).values  # noqa: E731
+    return largest(rows), largest(head_mean)
+
+
 @torch.no_grad()
 def measure_questions(eager_tower: nn.Module, clip_tokenizer, questions: list[str], max_length: int = 77) -> dict:
     """Shares, tokens and the last layer's head-mean [EOS] row of every question (one tower pass).
@@ -76,13 +88,15 @@ def measure_questions(eager_tower: nn.Module, clip_tokenizer, questions: list[st
         raise StudyError("the CLIP text tower returned no attentions; it must run with eager attention")
     eos_positions = encoded["attention_mask"].sum(-1) - 1  # the last real token: CLIP's pooled [EOS]
     shares = eos_attention_shares(out.attentions, eos_positions.to(device))
+    per_head, head_mean = sos_is_largest(out.attentions, eos_positions.to(device))
     last = out.attentions[-1].double().mean(dim=1)  # [Q, S, S] head mean
     tokens, last_rows = [], []
     for q, eos in enumerate(eos_positions.tolist()):
         tokens.append(clip_tokenizer.convert_ids_to_tokens(encoded["input_ids"][q, : eos + 1].tolist()))
         last_rows.append(last[q, eos, : eos + 1].cpu().tolist())
     return {"shares": {m: v.cpu() for m, v in shares.items()}, "tokens": tokens, "last_layer_eos_row": last_rows,
-            "eos_positions": eos_positions.tolist()}
+            "eos_positions": eos_positions.tolist(), "sos_is_largest": per_head.cpu(),
+            "sos_is_largest_head_mean": head_mean.cpu()}
 
 
 class TextAttentionSinkStudy(L.Callback):
@@ -94,6 +108,8 @@ class TextAttentionSinkStudy(L.Callback):
     Args:
         num_examples: questions (in sample-id order) that get a per-token bar chart.
         text_source: `question` (what LiteLVLM encodes) or `expression`.
+        seed: seed of the bootstrap.
+        bootstrap_resamples: resamples (over samples, i.e. images) of each 95% interval.
         filename: name of the JSON written beside the logs.
     """
 
@@ -101,11 +117,15 @@ class TextAttentionSinkStudy(L.Callback):
     required_signals: frozenset = frozenset()
     required_text: frozenset = frozenset()
 
-    def __init__(self, num_examples: int = 3, text_source: str = "question", filename: str = "attention_sink.json"):
+    def __init__(self, num_examples: int = 3, text_source: str = "question", seed: int = 0,
+                 bootstrap_resamples: int = 1000, filename: str = "attention_sink.json"):
         super().__init__()
         if text_source not in ("question", "expression"):
             raise StudyError(f"text_source must be 'question' or 'expression', got {text_source!r}")
+        if isinstance(bootstrap_resamples, bool) or not isinstance(bootstrap_resamples, int) or bootstrap_resamples < 1:
+            raise StudyError(f"bootstrap_resamples must be a positive integer, got {bootstrap_resamples!r}")
         self.num_examples, self.text_source, self.filename = int(num_examples), text_source, filename
+        self.seed, self.bootstrap_resamples = seed, bootstrap_resamples
         self.rows: list[dict] = []
         self.summary: dict | None = None
         self._tower: nn.Module | None = None
@@ -137,6 +157,8 @@ class TextAttentionSinkStudy(L.Callback):
                 "tokens": measured["tokens"][q], "eos_position": measured["eos_positions"][q],
                 "shares": {m: measured["shares"][m][q].tolist() for m in MEASURES},  # [layers][heads]
                 "last_layer_eos_row": measured["last_layer_eos_row"][q],
+                "sos_is_largest": measured["sos_is_largest"][q].tolist(),  # [layers][heads]
+                "sos_is_largest_head_mean": measured["sos_is_largest_head_mean"][q].tolist(),  # [layers]
             })
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -151,7 +173,7 @@ class TextAttentionSinkStudy(L.Callback):
         rows = unique_sorted(gather_objects(self.rows), key=lambda r: (r["split"], r["sample_id"], r["sentence"]))
         self._tower = None  # a fresh copy next run: the weights may have changed
         folder = study_folder(trainer)
-        self.summary = summarise(rows)
+        self.summary = summarise(rows, self.bootstrap_resamples, self.seed)
         self._write(trainer, folder, self.summary)
 
     on_validation_epoch_end = _finish
@@ -169,22 +191,59 @@ class TextAttentionSinkStudy(L.Callback):
             for measure in MEASURES:
                 for layer, values in enumerate(summary["mean"].get(measure, [])):
                     writer.add_scalar(f"attention_sink/{measure}/head_mean", float(np.mean(values)), layer)
+            for layer, stats in enumerate(summary.get("sos_largest_rate", {}).get("head_mean", [])):
+                writer.add_scalar("attention_sink/sos_largest_rate/head_mean", stats["mean"], layer)
             if summary["num_questions"]:
                 sos = np.asarray([row["shares"]["sos"] for row in summary["rows"]])
                 writer.add_histogram("attention_sink/sos_share_last_layer", sos[:, -1].ravel(), 0)
             writer.flush()
+        for line in summary_lines(summary):
+            print(line)
         print(f"text attention sink written to {folder / self.filename}")
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Mean and std (over questions) of every measure per layer x head, plus the rows."""
+def summarise(rows: list[dict], bootstrap_resamples: int = 1000, seed: int = 0) -> dict:
+    """Mean and std (over questions) of every measure per layer x head; the share of questions whose
+    [EOS] row puts its largest weight on [SOS] (per layer x head, and per layer for the head-averaged
+    row) and the last layer's head-mean [SOS] share, with 95% intervals resampling samples (images,
+    whose sentences are related); plus the rows."""
     summary = {"measures": list(MEASURES), "num_questions": len(rows), "mean": {}, "std": {}, "rows": rows}
-    if rows:
-        for measure in MEASURES:
-            values = np.asarray([row["shares"][measure] for row in rows])  # [Q, L, H]
-            summary["mean"][measure] = values.mean(axis=0).tolist()
-            summary["std"][measure] = values.std(axis=0).tolist()
+    if not rows:
+        return summary
+    for measure in MEASURES:
+        values = np.asarray([row["shares"][measure] for row in rows])  # [Q, L, H]
+        summary["mean"][measure] = values.mean(axis=0).tolist()
+        summary["std"][measure] = values.std(axis=0).tolist()
+    groups = [(row["split"], row["sample_id"]) for row in rows]
+    ci = lambda values: bootstrap_mean([float(v) for v in values], groups, bootstrap_resamples, 0.95, seed)  # noqa: E731
+    per_head = np.asarray([row["sos_is_largest"] for row in rows])  # [Q, L, H]
+    head_mean = np.asarray([row["sos_is_largest_head_mean"] for row in rows])  # [Q, L]
+    cells = [[ci(per_head[:, layer, head]) for head in range(per_head.shape[2])] for layer in range(per_head.shape[1])]
+    summary["sos_largest_rate"] = {
+        "head_mean": [ci(head_mean[:, layer]) for layer in range(head_mean.shape[1])],
+        "per_head": {key: [[cell[key] for cell in layer] for layer in cells] for key in ("mean", "low", "high")},
+    }
+    sos_last = np.asarray([row["shares"]["sos"][-1] for row in rows]).mean(axis=1)  # head mean = that row's share
+    summary["sos_share_last_layer_head_mean"] = ci(sos_last)
+    summary["num_samples"] = len(set(groups))
+    summary["settings"] = {"bootstrap_resamples": bootstrap_resamples, "seed": seed, "confidence": 0.95}
     return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The console summary: how often [EOS]'s largest weight is on [SOS], last layer and per layer."""
+    if not summary["num_questions"]:
+        return ["text attention sink: no questions measured"]
+    by_layer = summary["sos_largest_rate"]["head_mean"]
+    share = summary["sos_share_last_layer_head_mean"]
+    return [
+        f"text attention sink: {summary['num_questions']} questions over {summary['num_samples']} samples",
+        f"  last layer, head-averaged [EOS] row: largest weight on [SOS] for {percent(by_layer[-1])}",
+        f"  last layer, head-averaged [EOS] share on [SOS]: {share['mean']:.2f} "
+        f"(95% CI {share['low']:.2f}-{share['high']:.2f})",
+        "  largest weight on [SOS] by layer (head-averaged row): "
+        + ", ".join(f"{layer}: {100 * stats['mean']:.0f}%" for layer, stats in enumerate(by_layer)),
+    ]
 
 
 def plot_sos_heatmap(mean_sos: np.ndarray, path: Path) -> None:
