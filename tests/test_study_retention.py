@@ -15,9 +15,19 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from litelvlm.analysis import TokenRetentionVisualizer
-from litelvlm.analysis.retention import KEPT_FILL_ALPHA, PRUNED_BRIGHTNESS, clip_view, original_view, retention_overlay
+from litelvlm.analysis.retention import (
+    KEPT_FILL_ALPHA,
+    PRUNED_BRIGHTNESS,
+    clip_view,
+    four_panel_figure,
+    original_view,
+    patch_boxes_on_original,
+    retention_overlay,
+    token_pixels,
+    tokens_on_original,
+)
 from litelvlm.analysis.reversal import StudyError
-from litelvlm.models.image_processing import clip_crop_geometry, clip_preprocess, sam_preprocess
+from litelvlm.models.image_processing import clip_crop_geometry, clip_preprocess, mask_to_clip_patch_coverage, sam_preprocess
 from litelvlm.pruners import FastV, LiteLVLM, VisPruner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +68,58 @@ def test_overlay_dims_pruned_cells_and_tints_kept_cells_by_group():
         np.testing.assert_allclose(cell, np.broadcast_to(expected, (2, 2, 3)))
 
 
+def test_a_patch_lands_on_its_pixels_of_the_original_frame():
+    from matplotlib.colors import to_rgb
+
+    # 168 x 336 -> shortest side to 336 (x2) -> 336 x 672, centre crop drops 168 resized columns on the
+    # left. Patch (row 3, col 10) = crop rows 42..56, cols 140..154 = resized cols 308..322 = original
+    # rows 21..28, cols 154..161.
+    boxes = patch_boxes_on_original(168, 336, 336, 14)
+    assert boxes.shape == (576, 4)
+    np.testing.assert_allclose(boxes[3 * 24 + 10], [21, 154, 28, 161])
+    overlay = tokens_on_original(np.full((168, 336, 3), 0.5), [3 * 24 + 10], "tab:orange", boxes)
+    expected = np.full((168, 336, 3), 0.5 * PRUNED_BRIGHTNESS)
+    expected[21:28, 154:161] = 0.5 * (1 - KEPT_FILL_ALPHA) + np.array(to_rgb("tab:orange")) * KEPT_FILL_ALPHA
+    np.testing.assert_allclose(overlay, expected)
+
+
+def test_token_pixels_are_what_the_reversal_coverage_puts_back_on_the_patch():
+    # A portrait frame (scale 1.5, crop offset in rows): the pixels drawn for a patch, read back through
+    # the coverage the reversal study computes, cover exactly that patch.
+    boxes = patch_boxes_on_original(300, 224, 336, 14)
+    for index in (0, 5 * 24 + 7, 575):
+        pixels = token_pixels([index], boxes, (300, 224))
+        coverage = mask_to_clip_patch_coverage(pixels, 336, 14).flatten()
+        assert coverage[index] > 0.85 and float(coverage.sum() - coverage[index]) < 0.2, index
+        assert int(coverage.argmax()) == index
+
+
+def test_four_panel_figure_has_four_panels_per_sentence_row():
+    boxes = patch_boxes_on_original(60, 80, 28, 14)  # a 2 x 2 grid
+    record = {"kept_indices": [0, 3, 1], "kept_groups": ["context-aware", "similarity-aware", "similarity-aware"],
+              "group_names": ["similarity-aware", "context-aware"], "iou": 0.5}
+    sentences = [{**record, "expression": "the dog"}, {**record, "expression": "the red ball"}]
+    fig = four_panel_figure(np.full((60, 80, 3), 0.5), boxes, sentences, [np.zeros((60, 80), bool)] * 2)
+    try:
+        assert len(fig.axes) == 8
+        rows = fig.subfigs
+        assert [row._suptitle.get_text() for row in rows] == ['"the dog"', '"the red ball"']
+        titles = [ax.get_title() for ax in fig.axes[:4]]
+        assert titles == ["input image", "similarity-aware tokens (2)", "context-aware tokens (1)",
+                          "output mask (IoU 0.50)"]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(StudyError, match="num_samples"):
         TokenRetentionVisualizer(num_samples=0)
     with pytest.raises(StudyError, match="folder"):
         TokenRetentionVisualizer(folder="../elsewhere")
+    with pytest.raises(StudyError, match="layout"):
+        TokenRetentionVisualizer(layout="two")
 
 
 # ------------------------------------------------------------------ end to end
@@ -140,16 +197,25 @@ def test_panels_report_what_the_model_kept(retention_run, first_batch, tiny_mode
                 assert panel["iou"] == pytest.approx(float(intersection.sum() / union.sum()))
 
 
-def test_pngs_open_and_tensorboard_holds_every_panel(retention_run):
+def test_pngs_open_and_tensorboard_holds_every_panel(retention_run, first_batch):
     folder, panels = retention_run
+    # LiteLVLM gets the paper's four panels, one figure per sample with a row per sentence; the others three.
+    assert {p["layout"] for p in panels if p["configuration"] == "litelvlm@64"} == {"four"}
+    assert {p["layout"] for p in panels if p["configuration"] != "litelvlm@64"} == {"three"}
+    for b, sample_id in enumerate(int(i) for i in first_batch.sample_ids[:NUM_SAMPLES]):
+        four = {p["png"] for p in panels if p["sample_id"] == sample_id and p["layout"] == "four"}
+        assert four == {f"val_sample{sample_id:06d}_litelvlm@64.png"}
+        with Image.open(folder / four.pop()) as image:  # four panels side by side, a row per sentence
+            assert image.size[0] > 1000 and image.size[1] > 250 * len(first_batch.expressions[b])
     for panel in panels:
         with Image.open(folder / panel["png"]) as image:
             assert image.size[0] > 500 and image.size[1] > 200
     accumulator = EventAccumulator(str(folder.parent), size_guidance={"images": 0})
     accumulator.Reload()
     tags = accumulator.Tags()["images"]
-    assert len(tags) == len(panels)
-    assert "retention/litelvlm@64/val_sample{}_sentence0".format(panels[0]["sample_id"]) in tags
+    assert len(tags) == len({p["png"] for p in panels})
+    assert "retention/litelvlm@64/val_sample{}".format(panels[0]["sample_id"]) in tags
+    assert "retention/vispruner@64/val_sample{}_sentence0".format(panels[0]["sample_id"]) in tags
 
 
 def test_an_encoders_only_run_is_refused_with_one_line():

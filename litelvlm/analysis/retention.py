@@ -1,9 +1,13 @@
 """Token retention panels: which patches each pruner kept, by which of its rules, next to the masks.
 
-One panel per (sample, sentence, configuration): the CLIP-branch view of the image (the crop the
-pruner saw) with every kept patch filled and outlined in its group's colour (LiteLVLM:
-similarity-aware / context-aware; VisPruner: important / diverse; FastV: kept at layer K) and the
-pruned patches dimmed; beside it the predicted and the ground-truth mask on the original image.
+Two layouts. `three`: one panel per (sample, sentence, configuration): the CLIP-branch view of the
+image (the crop the pruner saw) with every kept patch filled and outlined in its group's colour
+(LiteLVLM: similarity-aware / context-aware; VisPruner: important / diverse; FastV: kept at layer
+K) and the pruned patches dimmed; beside it the predicted and the ground-truth mask on the original
+image. `four` (the paper's figure, the default for LiteLVLM and its ablations): one figure per
+(sample, configuration), one row per sentence titled by it: the input image, the first group's
+tokens (similarity-aware), the second group's (context-aware), the output mask, with the tokens
+mapped back onto the original frame through the CLIP resize and centre crop.
 
 Everything comes from the evaluation step's output (`EvaluatedBatch`) and the batch: the callback
 never runs the model. Each panel is a PNG plus a JSON of the same name under
@@ -28,13 +32,15 @@ from torch import Tensor
 
 from litelvlm.analysis.reversal import StudyError, _pyplot, study_folder, tensorboard_writers
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
-from litelvlm.models.image_processing import CLIP_MEAN, CLIP_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from litelvlm.models.image_processing import CLIP_MEAN, CLIP_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD, clip_crop_geometry
 
 GROUP_COLOURS = ("tab:orange", "tab:cyan", "tab:purple", "tab:olive", "tab:pink", "tab:brown")
 PRUNED_BRIGHTNESS = 0.3  # pruned patches keep this share of their brightness
 KEPT_FILL_ALPHA = 0.35  # a kept patch is this much its group's colour
 MASK_COLOUR = (1.0, 0.0, 1.0)  # magenta: tint and outline of a mask, rare in natural images
 MASK_TINT = 0.3
+LAYOUTS = ("auto", "three", "four")
+FOUR_PANEL_FIRST_GROUP = "similarity-aware"  # `auto` draws four panels for pruners whose first group this is
 
 
 def clip_view(clip_pixel_values: Tensor) -> np.ndarray:
@@ -80,6 +86,42 @@ def retention_overlay(image: np.ndarray, kept: list[int], groups: list[int], gri
     return image * to_pixels(scale) * (1 - to_pixels(alpha)) + to_pixels(tint) * to_pixels(alpha)
 
 
+def patch_boxes_on_original(orig_h: int, orig_w: int, size: int, patch: int) -> np.ndarray:
+    """float64 [N, 4]: each CLIP patch's (top, left, bottom, right) on the original frame, raster order.
+
+    The inverse of the CLIP geometry (shortest side to `size`, centre crop; the same geometry the
+    reversal study puts masks through): a crop pixel edge e lies at resized edge e + crop offset, and a
+    resized edge r at original edge r * original / resized (PIL maps pixel edges linearly).
+    """
+    resized_h, resized_w, top, left = clip_crop_geometry(orig_h, orig_w, size)
+    grid = size // patch
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    scale_h, scale_w = orig_h / resized_h, orig_w / resized_w
+    return np.stack([(rows * patch + top) * scale_h, (cols * patch + left) * scale_w,
+                     ((rows + 1) * patch + top) * scale_h, ((cols + 1) * patch + left) * scale_w], axis=1)
+
+
+def token_pixels(indices: list[int], boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """bool [H, W]: the original-frame pixels whose centres fall inside the boxes of `indices`."""
+    covered = np.zeros(shape, dtype=bool)
+    for top, left, bottom, right in boxes[list(indices)]:
+        # pixel y spans [y, y + 1); its centre y + 0.5 is in [top, bottom) for y in [ceil(top - .5), ceil(bottom - .5))
+        rows = slice(int(np.ceil(top - 0.5)), int(np.ceil(bottom - 0.5)))
+        cols = slice(int(np.ceil(left - 0.5)), int(np.ceil(right - 0.5)))
+        covered[rows, cols] = True
+    return covered
+
+
+def tokens_on_original(image: np.ndarray, indices: list[int], colour: str, boxes: np.ndarray) -> np.ndarray:
+    """`image` [H, W, 3] with the pixels of the `indices` patches tinted in `colour` and the rest dimmed
+    (as `retention_overlay` does on the crop)."""
+    from matplotlib.colors import to_rgb
+
+    inside = token_pixels(indices, boxes, image.shape[:2])[..., None]
+    tinted = image * (1 - KEPT_FILL_ALPHA) + np.asarray(to_rgb(colour)) * KEPT_FILL_ALPHA
+    return np.where(inside, tinted, image * PRUNED_BRIGHTNESS)
+
+
 def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """`image` [H, W, 3] dimmed outside `mask` [H, W] (as pruned patches are) and tinted inside it."""
     inside = image * (1 - MASK_TINT) + np.asarray(MASK_COLOUR) * MASK_TINT
@@ -104,6 +146,62 @@ def retained(output: GroundingOutput, b: int) -> tuple[list[int], list[int], str
     return kept.tolist(), output.kept_groups[b].tolist(), where
 
 
+def figure_pixels(fig) -> np.ndarray:
+    """RGB uint8 [h, w, 3] of a drawn figure; closes it."""
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    _pyplot().close(fig)
+    return pixels
+
+
+def draw_mask(ax, image: np.ndarray, mask: np.ndarray, title: str) -> None:
+    """`mask` on `image`: outside dimmed, inside tinted and outlined in magenta."""
+    ax.imshow(mask_overlay(image, mask))
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[MASK_COLOUR], linewidths=1.0)
+    ax.set_title(title, fontsize=9)
+
+
+def four_panel_figure(original: np.ndarray, boxes: np.ndarray, sentences: list[dict], predictions: list[np.ndarray],
+                      dpi: int = 100):
+    """The paper's figure: one row per sentence record (titled by its expression), four panels each:
+    input image | first group's tokens | second group's tokens | output mask (all on the original frame).
+
+    Each record holds `kept_indices`, `kept_groups`, `group_names`, `iou` and `expression`;
+    `predictions` are the bool [H, W] output masks. Returns the matplotlib figure.
+    """
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    height, width = original.shape[:2]
+    panel = 3.2  # inches per panel's width
+    fig = plt.figure(figsize=(4 * panel + 0.4, len(sentences) * (panel * height / width + 0.6)), dpi=dpi,
+                     layout="constrained")
+    rows = fig.subfigures(len(sentences), 1, squeeze=False)[:, 0]
+    for row, record, prediction in zip(rows, sentences, predictions):
+        axes = row.subplots(1, 4)
+        names = record["group_names"]
+        axes[0].imshow(original)
+        axes[0].set_title("input image", fontsize=9)
+        for column, group in ((1, 0), (2, 1)):
+            ax = axes[column]
+            if group >= len(names):
+                ax.imshow(original * PRUNED_BRIGHTNESS)
+                ax.set_title("(no second group)", fontsize=9)
+                continue
+            indices = [i for i, g in zip(record["kept_indices"], record["kept_groups"]) if g == names[group]]
+            ax.imshow(tokens_on_original(original, indices, group_colour(group), boxes))
+            for top, left, bottom, right in boxes[indices]:
+                ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                       edgecolor=group_colour(group), linewidth=0.6))
+            ax.set_title(f"{names[group]} tokens ({len(indices)})", fontsize=9)
+        draw_mask(axes[3], original, prediction, f"output mask (IoU {record['iou']:.2f})")
+        for ax in axes:
+            ax.set_axis_off()
+        row.suptitle(textwrap.fill(f'"{record["expression"]}"', width=100), fontsize=10)
+    return fig
+
+
 def safe_filename(text: str) -> str:
     """A configuration name as a file name: letters, digits and `.@-` kept, anything else `_`."""
     return re.sub(r"[^A-Za-z0-9.@-]+", "_", text).strip("_")
@@ -117,9 +215,12 @@ class TokenRetentionVisualizer(L.Callback):
             counted over the run in data order; under DDP each rank draws its own first samples.
         folder: sub-folder of the run's log folder that receives the PNG + JSON pairs.
         dpi: resolution of the PNGs.
+        layout: `four` (the paper's figure per sample and configuration, a row per sentence),
+            `three` (a panel per sentence: crop with tokens, prediction, ground truth), or `auto`:
+            four for pruners whose first group is similarity-aware (LiteLVLM and its ablations).
     """
 
-    def __init__(self, num_samples: int = 4, folder: str = "retention", dpi: int = 100) -> None:
+    def __init__(self, num_samples: int = 4, folder: str = "retention", dpi: int = 100, layout: str = "auto") -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise StudyError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -127,7 +228,9 @@ class TokenRetentionVisualizer(L.Callback):
             raise StudyError(f"folder must be a relative sub-folder name of the log folder, got {folder!r}")
         if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 10:
             raise StudyError(f"dpi must be an integer >= 10, got {dpi!r}")
-        self.num_samples, self.folder, self.dpi = num_samples, folder, dpi
+        if layout not in LAYOUTS:
+            raise StudyError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        self.num_samples, self.folder, self.dpi, self.layout = num_samples, folder, dpi, layout
         self.drawn = 0  # samples drawn by this process in this run
         self.panels: list[dict] = []  # the JSON records written by this process
         self.output_dir: Path | None = None
@@ -169,22 +272,44 @@ class TokenRetentionVisualizer(L.Callback):
         if not hasattr(outputs, "outputs") or not hasattr(outputs, "scores"):
             raise StudyError(f"TokenRetentionVisualizer reads EvaluatedBatch outputs, got {type(outputs).__name__}")
         grid = tuple(pl_module.lvlm.config.grid)
+        vision = pl_module.lvlm.config.vision
         self.output_dir.mkdir(parents=True, exist_ok=True)
         writers = tensorboard_writers(trainer)
         mask_offset = 0
         for b in range(batch.batch_size):
             num_masks = batch.gt_masks[b].shape[0]
             if self.drawn < self.num_samples:
-                for t in range(num_masks):
-                    for index, (name, output) in enumerate(outputs.outputs.items()):
-                        scores = outputs.scores[name]
-                        record = self._panel_record(outputs, batch, b, t, name, output, scores, mask_offset + t, grid)
-                        pixels = self._draw_panel(batch, b, t, output, record)
-                        self._save(record, pixels, writers, trainer.global_step)
+                for name, output in outputs.outputs.items():
+                    scores = outputs.scores[name]
+                    records = [self._panel_record(outputs, batch, b, t, name, output, scores, mask_offset + t, grid)
+                               for t in range(num_masks)]
+                    if self.layout_of(output) == "three":
+                        for t, record in enumerate(records):
+                            self._save([record], self._draw_panel(batch, b, t, output, record), writers,
+                                       trainer.global_step)
+                        continue
+                    stem = f"{outputs.split}_sample{outputs.sample_ids[b]:06d}_{safe_filename(name)}"
+                    for record in records:
+                        record.update(layout="four", png=f"{stem}.png")
+                    self._save(records, self._draw_four(batch, b, output, records, vision), writers,
+                               trainer.global_step)
                 self.drawn += 1
             mask_offset += num_masks
         for writer in writers:
             writer.flush()
+
+    def layout_of(self, output: GroundingOutput) -> str:
+        """`three` or `four` for a configuration's output (`auto` decides by the pruner's groups)."""
+        if self.layout != "auto":
+            return self.layout
+        return "four" if output.group_names[:1] == (FOUR_PANEL_FIRST_GROUP,) else "three"
+
+    def _draw_four(self, batch: GroundingBatch, b: int, output: GroundingOutput, records: list[dict], vision) -> np.ndarray:
+        """The four-panel figure of sample `b` (a row per sentence) as RGB uint8 [h, w, 3]."""
+        original = original_view(batch.sam_pixel_values[b], batch.sam_resized_sizes[b], batch.original_sizes[b])
+        boxes = patch_boxes_on_original(original.shape[0], original.shape[1], vision.image_size, vision.patch_size)
+        predictions = [(output.mask_logits[b][t] > 0).cpu().numpy() for t in range(len(records))]
+        return figure_pixels(four_panel_figure(original, boxes, records, predictions, self.dpi))
 
     def _panel_record(self, outputs, batch, b, t, name, output, scores, mask_index, grid) -> dict:
         kept, groups, where = retained(output, b)
@@ -211,7 +336,9 @@ class TokenRetentionVisualizer(L.Callback):
             "group_names": group_names,
             "group_counts": {group: groups.count(i) for i, group in enumerate(group_names)},
             "iou": intersection / union if union else 1.0,
+            "layout": "three",
             "png": f"{stem}.png",
+            "json": f"{stem}.json",
         }
 
     def _draw_panel(self, batch: GroundingBatch, b: int, t: int, output: GroundingOutput, record: dict) -> np.ndarray:
@@ -235,14 +362,8 @@ class TokenRetentionVisualizer(L.Callback):
                                         edgecolor=group_colour(group), linewidth=0.8))
         axes[0].set_title(f"{record['configuration']}: {record['R']} of {record['num_patches']} patches, "
                           f"{record['selected']}", fontsize=9)
-        for ax, mask, title in (
-            (axes[1], prediction, f"prediction (IoU {record['iou']:.2f})"),
-            (axes[2], target, "ground truth"),
-        ):
-            ax.imshow(mask_overlay(original, mask))
-            if mask.any() and not mask.all():
-                ax.contour(mask.astype(np.float32), levels=[0.5], colors=[MASK_COLOUR], linewidths=1.0)
-            ax.set_title(title, fontsize=9)
+        draw_mask(axes[1], original, prediction, f"prediction (IoU {record['iou']:.2f})")
+        draw_mask(axes[2], original, target, "ground truth")
         for ax in axes:
             ax.set_axis_off()
         handles = [Patch(color=group_colour(i), label=f"{name}: {record['group_counts'][name]}")
@@ -253,17 +374,17 @@ class TokenRetentionVisualizer(L.Callback):
         where = f"{record['split']} sample {record['sample_id']}, sentence {record['sentence']}"
         fig.suptitle(f"{title}\n{where}", fontsize=10)
         fig.tight_layout(rect=(0, 0.06, 1, 0.93))
-        fig.canvas.draw()
-        pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-        plt.close(fig)
-        return pixels
+        return figure_pixels(fig)
 
-    def _save(self, record: dict, pixels: np.ndarray, writers: list, step: int) -> None:
-        png = self.output_dir / record["png"]
-        Image.fromarray(pixels).save(png)
-        png.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        panel = f"{record['split']}_sample{record['sample_id']}_sentence{record['sentence']}"
-        tag = f"retention/{record['configuration']}/{panel}"
+    def _save(self, records: list[dict], pixels: np.ndarray, writers: list, step: int) -> None:
+        """One PNG (and TensorBoard image) holding `records`' sentences; a JSON per sentence."""
+        first = records[0]
+        Image.fromarray(pixels).save(self.output_dir / first["png"])
+        for record in records:
+            (self.output_dir / record["json"]).write_text(json.dumps(record, indent=2) + "\n")
+        panel = f"{first['split']}_sample{first['sample_id']}"
+        if first["layout"] == "three":
+            panel += f"_sentence{first['sentence']}"
         for writer in writers:
-            writer.add_image(tag, pixels, step, dataformats="HWC")
-        self.panels.append(record)
+            writer.add_image(f"retention/{first['configuration']}/{panel}", pixels, step, dataformats="HWC")
+        self.panels.extend(records)
