@@ -27,7 +27,12 @@ from litelvlm.analysis.retention import (
     tokens_on_original,
 )
 from litelvlm.analysis.reversal import StudyError
-from litelvlm.models.image_processing import clip_crop_geometry, clip_preprocess, mask_to_clip_patch_coverage, sam_preprocess
+from litelvlm.models.image_processing import (
+    clip_crop_geometry,
+    clip_preprocess,
+    mask_to_clip_patch_coverage,
+    sam_preprocess,
+)
 from litelvlm.pruners import FastV, LiteLVLM, VisPruner
 
 REPO = Path(__file__).resolve().parents[1]

@@ -176,7 +176,8 @@ def synthetic_rows(study: SimilarityReversalStudy) -> list[dict]:
              (0.5 > 0), AUROC 36/48 = 0.75.
     image c: sentence 0 covers a third of patch 0 (small), sentence 1 nothing (outside the crop).
     """
-    inside_values = {("a", 0): [-10, 1, 1, 1], ("a", 1): [1, 1, 1, 1], ("b", 0): [-1, -1, -1, -1], ("b", 1): [5, -1, -1, -1]}
+    inside_values = {("a", 0): [-10, 1, 1, 1], ("a", 1): [1, 1, 1, 1],
+                     ("b", 0): [-1, -1, -1, -1], ("b", 1): [5, -1, -1, -1]}
     rows = []
     for sample_id, image in enumerate("abc"):
         s = torch.zeros(2, 16)
@@ -270,4 +271,5 @@ def test_reversal_config_runs_end_to_end(tmp_path, capsys):
 
     accumulator = EventAccumulator(str(path.parent))
     accumulator.Reload()
-    assert {"reversal/rate/mean_inside_below_outside", "reversal/rate/auroc_above_half"} <= set(accumulator.Tags()["scalars"])
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"reversal/rate/mean_inside_below_outside", "reversal/rate/auroc_above_half"} <= tags

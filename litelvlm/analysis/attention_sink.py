@@ -215,7 +215,10 @@ def summarise(rows: list[dict], bootstrap_resamples: int = 1000, seed: int = 0) 
         summary["mean"][measure] = values.mean(axis=0).tolist()
         summary["std"][measure] = values.std(axis=0).tolist()
     groups = [(row["split"], row["sample_id"]) for row in rows]
-    ci = lambda values: bootstrap_mean([float(v) for v in values], groups, bootstrap_resamples, 0.95, seed)  # noqa: E731
+
+    def ci(values) -> dict:
+        return bootstrap_mean([float(v) for v in values], groups, bootstrap_resamples, 0.95, seed)
+
     per_head = np.asarray([row["sos_is_largest"] for row in rows])  # [Q, L, H]
     head_mean = np.asarray([row["sos_is_largest_head_mean"] for row in rows])  # [Q, L]
     cells = [[ci(per_head[:, layer, head]) for head in range(per_head.shape[2])] for layer in range(per_head.shape[1])]

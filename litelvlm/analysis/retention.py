@@ -304,7 +304,8 @@ class TokenRetentionVisualizer(L.Callback):
             return self.layout
         return "four" if output.group_names[:1] == (FOUR_PANEL_FIRST_GROUP,) else "three"
 
-    def _draw_four(self, batch: GroundingBatch, b: int, output: GroundingOutput, records: list[dict], vision) -> np.ndarray:
+    def _draw_four(self, batch: GroundingBatch, b: int, output: GroundingOutput, records: list[dict],
+                   vision) -> np.ndarray:
         """The four-panel figure of sample `b` (a row per sentence) as RGB uint8 [h, w, 3]."""
         original = original_view(batch.sam_pixel_values[b], batch.sam_resized_sizes[b], batch.original_sizes[b])
         boxes = patch_boxes_on_original(original.shape[0], original.shape[1], vision.image_size, vision.patch_size)

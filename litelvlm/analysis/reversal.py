@@ -80,7 +80,8 @@ def low_similarity_auroc(similarity: Tensor, inside: Tensor) -> float:
     n_inside * n_outside. No sigmoid, so raw dot products of tens do not saturate into ties.
     """
     if similarity.shape != inside.shape or similarity.dim() != 1:
-        raise StudyError(f"similarity {tuple(similarity.shape)} and inside {tuple(inside.shape)} must be equal 1-d shapes")
+        raise StudyError(f"similarity {tuple(similarity.shape)} and inside {tuple(inside.shape)} "
+                         "must be equal 1-d shapes")
     inside = inside.bool()
     num_inside, num_outside = int(inside.sum()), int((~inside).sum())
     if num_inside == 0 or num_outside == 0:
@@ -141,8 +142,9 @@ def measure_sample(
         raise StudyError(f"coverage {tuple(coverage.shape)} does not match the similarities {tuple(similarity.shape)}")
     rows, z_values = [], []
     per_image: dict[tuple[str, int], Tensor] = {}  # selections that do not depend on the sentence, made once
+    every_sentence = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)
     image = VisualSignals(**{**vars(signals), "patch_embeds": patch_embeds, "text_embeds": text_embeds,
-                             "text_mask": torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)})
+                             "text_mask": every_sentence})
     for t in range(similarity.shape[0]):
         s, cov = similarity[t], coverage[t].to(similarity.device)
         inside, outside = cov >= inside_threshold, cov == 0
@@ -229,7 +231,8 @@ class SimilarityReversalStudy(L.Callback):
     Args:
         budgets: R values at which referent recall is measured.
         rules: which selection rules to compare (keys of `RULE_PRUNERS`).
-        inside_threshold: a patch is inside when the mask covers at least this share of it.
+        inside_threshold: a patch is inside when the mask covers at least this share of it; a
+            referent with no such patch is skipped (counted as small or thin).
         k: size of the lowest-/highest-similarity sets whose inside share is reported.
         cosine: cosine similarity instead of the reference's unnormalised dot product.
         text_source: `question` (the full question, as LiteLVLM) or `expression`.
@@ -395,7 +398,8 @@ class SimilarityReversalStudy(L.Callback):
             "num_skipped_by_reason": {reason: sum(row["skipped"] == reason for row in rows)
                                       for reason in (SKIP_SMALL, SKIP_CROPPED, SKIP_NO_OUTSIDE)},
             # The skip's bias: the referents left out are the small ones (area = share of the crop).
-            "referent_area": {"measured": area(measured), "skipped": area([r for r in rows if r["skipped"] is not None])},
+            "referent_area": {"measured": area(measured),
+                              "skipped": area([row for row in rows if row["skipped"] is not None])},
             "num_images": len(set(groups)),
             "aggregates": aggregates,
             "histogram": {"edges": HISTOGRAM_EDGES.tolist(),
