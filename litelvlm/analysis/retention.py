@@ -10,9 +10,9 @@ tokens (similarity-aware), the second group's (context-aware), the output mask, 
 mapped back onto the original frame through the CLIP resize and centre crop.
 
 Everything comes from the evaluation step's output (`EvaluatedBatch`) and the batch: the callback
-never runs the model. Each panel is a PNG plus a JSON of the same name under
-`<log dir>/retention/`, named by split, sample id, sentence and configuration, so DDP ranks (each
-drawing the first `num_samples` samples it sees) never write the same file.
+never runs the model. Each figure is a PNG under `<log dir>/retention/` with a JSON per sentence it
+shows, named by split, sample id, (sentence) and configuration, so DDP ranks (each drawing the first
+`num_samples` samples it sees) never write the same file.
 """
 
 from __future__ import annotations
@@ -283,6 +283,8 @@ class TokenRetentionVisualizer(L.Callback):
                     scores = outputs.scores[name]
                     records = [self._panel_record(outputs, batch, b, t, name, output, scores, mask_offset + t, grid)
                                for t in range(num_masks)]
+                    if not records:
+                        continue
                     if self.layout_of(output) == "three":
                         for t, record in enumerate(records):
                             self._save([record], self._draw_panel(batch, b, t, output, record), writers,
