@@ -95,14 +95,17 @@ def test_auroc_by_hand_with_ties_at_hundreds():
 
 
 def test_auroc_does_not_saturate_for_raw_similarities_of_tens():
-    # s = -20 + 25 z; the insides sit at ranks 2, 4, 6, 7 of the 8 values of -s: U = 19 - 10 = 9 of 16.
-    # 72 exact copies (576 patches, ties across copies) keep every pair's outcome: 0.5625 exactly. Four
-    # of the values are below -16.6, where float32 sigmoid(-s) is 1.0: a sigmoid-based AUROC ties them.
+    # s = -20 + 25 z; the insides sit at ranks 1, 4, 6, 8 of the 8 values of -s: U = 19 - 10 = 9 of 16.
+    # 72 exact copies (576 patches, ties across copies) keep every pair's outcome: 0.5625 exactly.
     z = torch.tensor([3.0, 2.0, 1.0, 0.5, -0.5, -1.0, -2.0, -3.0])  # -s ascending
-    inside = torch.tensor([False, True, False, True, False, True, True, False])
+    inside = torch.tensor([True, False, False, True, False, True, False, True])
     s, labels = (-20 + 25 * z).repeat(72), inside.repeat(72)
     assert low_similarity_auroc(s, labels) == 0.5625
-    assert torch.sigmoid(-s[z.repeat(72) <= -0.5]).eq(1.0).all()  # the saturation this avoids
+    # The last four values lie below -16.6, where float32 sigmoid(-s) is 1.0: ranked after a sigmoid they
+    # tie, and their 3-of-4 pairs won by the insides become 2 of 4: 0.5 instead of 0.5625.
+    squashed = torch.sigmoid(-s)
+    assert squashed[z.repeat(72) <= -0.5].eq(1.0).all()
+    assert low_similarity_auroc(-squashed, labels) == 0.5
 
 
 @pytest.mark.parametrize("scale", [50.0, 500.0])
