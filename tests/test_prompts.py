@@ -5,7 +5,7 @@ import pytest
 from litelvlm.models.prompts import (
     SEG_ANSWERS,
     SEG_QUESTIONS,
-    VICUNA_V1_SYSTEM,
+    LLAVA_V1_SYSTEM,
     GroundingPrompt,
     PromptError,
     build_glamm_prompt,
@@ -13,9 +13,10 @@ from litelvlm.models.prompts import (
     render_llava_v1,
 )
 
+# conv_llava_v1's system text, character for character (groundingLMM and LISA model/llava/conversation.py).
 SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
 
@@ -27,7 +28,12 @@ def test_templates_are_glamms_sixteen_questions_and_five_seg_answers():
     assert SEG_ANSWERS == (
         "It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG]."
     )
-    assert VICUNA_V1_SYSTEM == SYSTEM
+
+
+def test_system_text_is_llava_v1s_not_vicuna_v1s():
+    assert LLAVA_V1_SYSTEM == SYSTEM
+    assert len(LLAVA_V1_SYSTEM) == 156 and LLAVA_V1_SYSTEM.count("human") == 2 and "user" not in LLAVA_V1_SYSTEM
+    assert render_llava_v1([("q", "a")]).startswith(SYSTEM + " USER: q ASSISTANT: a</s>")
 
 
 def test_llava_v1_separates_user_turns_by_space_and_assistant_turns_by_eos():

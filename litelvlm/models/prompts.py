@@ -1,8 +1,8 @@
 """Prompts of the references' referring segmentation, as data plus small builders.
 
 The templates are the reference's data (GLaMM `dataset/utils/utils.py`, LISA `utils/utils.py` and
-`utils/dataset.py`); the conversation is rendered with the vicuna v1 ("llava_v1") template the
-references train and evaluate with. Each prompt records where its assistant answers are, so
+`utils/dataset.py`); the conversation is rendered with the `llava_v1` template the references
+train and evaluate with (docs/models.md). Each prompt records where its assistant answers are, so
 training can supervise exactly those tokens.
 
 GLaMM trains on the form it evaluates (`ReferSegmDataset.create_conversations` builds both):
@@ -24,9 +24,11 @@ IM_START = "<im_start>"
 IM_END = "<im_end>"
 SEG_TOKEN = "[SEG]"
 
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+# The system text of `conv_llava_v1` (GLaMM's and LISA's `model/llava/conversation.py`), the template
+# both select (`--conv_type llava_v1`); vicuna_v1 differs only in saying "user" for "human".
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 USER_ROLE = "USER"
 ASSISTANT_ROLE = "ASSISTANT"
@@ -112,8 +114,8 @@ def image_text(use_im_start_end: bool = True) -> str:
     return IM_START + IMAGE_PLACEHOLDER + IM_END if use_im_start_end else IMAGE_PLACEHOLDER
 
 
-def render_llava_v1(rounds: Sequence[tuple[str, str | None]], system: str = VICUNA_V1_SYSTEM) -> str:
-    """Render (user, assistant) rounds with the vicuna v1 template.
+def render_llava_v1(rounds: Sequence[tuple[str, str | None]], system: str = LLAVA_V1_SYSTEM) -> str:
+    """Render (user, assistant) rounds with the llava_v1 template.
 
     The last assistant message may be None: the prompt then ends with "ASSISTANT:" for generation.
     """
@@ -121,7 +123,7 @@ def render_llava_v1(rounds: Sequence[tuple[str, str | None]], system: str = VICU
 
 
 def render_llava_v1_with_spans(
-    rounds: Sequence[tuple[str, str | None]], system: str = VICUNA_V1_SYSTEM
+    rounds: Sequence[tuple[str, str | None]], system: str = LLAVA_V1_SYSTEM
 ) -> tuple[str, list[tuple[int, int]]]:
     """`render_llava_v1`, plus the [start, end) span of each assistant message and its "</s>".
 

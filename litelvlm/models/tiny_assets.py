@@ -27,10 +27,10 @@ from litelvlm.models.prompts import (
     LISA_QUESTION,
     SEG_ANSWERS,
     SEG_QUESTIONS,
-    VICUNA_V1_SYSTEM,
+    LLAVA_V1_SYSTEM,
 )
 
-TINY_TOKENIZERS_DIRNAME = "tiny_tokenizers_v1"  # bump the suffix whenever the files below change
+TINY_TOKENIZERS_DIRNAME = "tiny_tokenizers_v2"  # bump the suffix whenever the files below change
 GLAMM_ADDED_TOKENS = ("<im_start>", "<im_end>", "<bbox>", "<point>", "[SEG]", "<p>", "</p>")
 LISA_ADDED_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "[SEG]")
 LLM_BASE_VOCAB_SIZE = 1000
@@ -74,7 +74,7 @@ def tiny_corpus() -> list[str]:
             itertools.cycle(SHAPES[2:] + SHAPES[:2]),
         )
     ]
-    lines = [VICUNA_V1_SYSTEM, "USER: ASSISTANT: USER: ASSISTANT:"]
+    lines = [LLAVA_V1_SYSTEM, "USER: ASSISTANT: USER: ASSISTANT:"]
     for index, expression in enumerate(expressions):
         question = SEG_QUESTIONS[index % len(SEG_QUESTIONS)].format(class_name=expression)
         answer = SEG_ANSWERS[index % len(SEG_ANSWERS)]
@@ -252,7 +252,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 def ensure_tiny_tokenizers(cache_dir: str | Path | None = None) -> Path:
-    """Return `<cache>/tiny_tokenizers_v1` holding `llm/` and `clip/`, building it once.
+    """Return `<cache>/tiny_tokenizers_v2` holding `llm/` and `clip/`, building it once.
 
     The build goes to a temporary sibling folder that is renamed into place, so a concurrent
     process sees either no folder or a complete one.
