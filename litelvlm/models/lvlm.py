@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -37,6 +36,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import IGNORE_INDEX, GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
+from litelvlm.models.vision_signals import cls_attention as _cls_attention
+from litelvlm.models.vision_signals import project_patches, run_vision_layers
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
 
 IMAGE_TOKEN_INDEX = -200
@@ -187,50 +188,18 @@ class PixelGroundingLVLM(nn.Module):
                 "available (build the model without encoders_only)"
             )
 
-    def _select_hidden_index(self) -> int:
-        """Index into CLIP's hidden-state tuple (embeddings first) of the features the LLM gets."""
-        num_layers = len(self.vision_tower.vision_model.encoder.layers)
-        index = self.config.select_layer % (num_layers + 1)
-        if index == 0:
-            raise LitelvlmError("select_layer must pick the output of an encoder layer, not the embeddings")
-        return index
-
     def encode_image(self, pixel_values: Tensor, needs: frozenset[Signal]) -> tuple[Tensor, VisualSignals]:
         """Run the CLIP vision tower as far as needed; return patch features and the asked-for signals.
 
-        The layer loop stops at the select layer unless the pruner asks for the last layer's q/k/v,
-        whose inputs are then the hidden states that layer receives; nothing runs twice.
+        Where each signal comes from, for every `select_layer`: `litelvlm/models/vision_signals.py`.
         """
         vision = self.vision_tower.vision_model
-        layers = vision.encoder.layers
-        num_layers = len(layers)
-        select_index = self._select_hidden_index()
-        attention_layer = self.config.select_layer % num_layers  # the reference's `attentions[select_layer]`
-        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(self.vision_tower.dtype)))
-        signals = VisualSignals(grid=self.config.grid, num_patches=self.num_patches, batch_size=hidden.shape[0])
-
-        cls_attention_capture: dict[str, Tensor] = {}
-        for index in range(select_index):
-            layer = layers[index]
-            if index == attention_layer and Signal.CLS_ATTENTION in needs:
-                with _capture_outputs({"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj}) as captured:
-                    hidden = layer(hidden, None)
-                cls_attention_capture = dict(captured)
-            else:
-                hidden = layer(hidden, None)
-        features_with_cls = hidden
-        patch_features = features_with_cls[:, 1:]
-
-        if Signal.LAST_QKV in needs:
-            for index in range(select_index, num_layers - 1):
-                hidden = layers[index](hidden, None)
-            last = layers[num_layers - 1]
-            normed = last.layer_norm1(hidden)
-            signals.last_qkv = (last.self_attn.q_proj(normed), last.self_attn.k_proj(normed), last.self_attn.v_proj(normed))
+        captured = run_vision_layers(vision, pixel_values.to(self.vision_tower.dtype), self.config.select_layer, needs)
+        patch_features = captured.features_with_cls[:, 1:]
+        signals = VisualSignals(grid=self.config.grid, num_patches=self.num_patches, batch_size=patch_features.shape[0])
+        signals.last_qkv = captured.last_qkv
         if Signal.CLS_ATTENTION in needs:
-            signals.cls_attention = _cls_attention(
-                cls_attention_capture["q"], cls_attention_capture["k"], self.config.vision.num_heads
-            )
+            signals.cls_attention = _cls_attention(*captured.select_qk, self.config.vision.num_heads)
         if Signal.PATCH_FEATURES in needs:
             signals.patch_features = patch_features
         if Signal.PATCH_EMBEDS in needs:
@@ -238,19 +207,15 @@ class PixelGroundingLVLM(nn.Module):
         return patch_features, signals
 
     def project_patches(self, patch_features: Tensor) -> Tensor:
-        """CLIP's post_layernorm + visual_projection on patch features, in float32 (method.md)."""
-        norm = self.vision_tower.vision_model.post_layernorm
-        normed = F.layer_norm(
-            patch_features.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
-        )
-        return F.linear(normed, self.vision_tower.visual_projection.weight.float())
+        """CLIP's post_layernorm + visual_projection on patch features, in float32."""
+        return project_patches(self.vision_tower, patch_features)
 
     def encode_text(self, texts: list[list[str]], pooling: str = "eos") -> tuple[Tensor, Tensor]:
         """Projected CLIP text embeddings [B, T, P] (float32) and the real-slot mask [B, T].
 
         `pooling`: `eos` (the reference: CLIP's projected [EOS] state) or `mean` (the mean of the
         content tokens' final states, between [SOS] and [EOS], through the same final layer norm
-        and projection: the text attention-sink ablation of method.md).
+        and projection: the text attention-sink ablation, docs/pruners.md).
         """
         if pooling not in ("eos", "mean"):
             raise PrunerError(f"text_pooling must be 'eos' or 'mean', got {pooling!r}")
@@ -659,37 +624,3 @@ def _causal_mask(config, hidden: Tensor, key_mask: Tensor):
     """The decoder's causal + padding mask. On meta (FLOP counting) the padding has no values, so
     the mask is the plain causal one: attention costs the same either way."""
     return create_causal_mask(config, hidden, None if hidden.is_meta else key_mask, cache=None)
-
-
-def _cls_attention(query: Tensor, key: Tensor, num_heads: int) -> Tensor:
-    """Attention probabilities of the CLS query over the patches, per head: [B, H, N]."""
-    b, length, width = key.shape
-    head_dim = width // num_heads
-    q = query[:, :1].reshape(b, 1, num_heads, head_dim).transpose(1, 2).float()
-    k = key.reshape(b, length, num_heads, head_dim).transpose(1, 2).float()
-    probs = ((q @ k.transpose(-1, -2)) / math.sqrt(head_dim)).softmax(-1)  # [B, H, 1, N+1]
-    return probs[:, :, 0, 1:]
-
-
-class _capture_outputs:
-    """Context manager: record the outputs of some modules during one forward, via hooks."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.outputs: dict[str, Tensor] = {}
-        self.handles = []
-
-    def __enter__(self) -> dict[str, Tensor]:
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-        return self.outputs
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            self.outputs[name] = output
-
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()

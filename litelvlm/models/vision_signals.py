@@ -1,0 +1,139 @@
+"""The pruning signals of the CLIP vision tower: one pass over its layers, each signal read where the references read it.
+
+LLaVA-style models (GLaMM, LISA and the pruning references) index transformers' CLIP outputs with
+`select_layer`: the features are `hidden_states[select_layer]` (L+1 entries: the pre-layer-norm
+embeddings, then each layer's output) and VisPruner's CLS attention is `attentions[select_layer]`
+(L entries, one per layer). For a negative value both name the same layer (the features are its
+output, the attention its map); for a value >= 0 the attention belongs to the layer AFTER the one
+whose output the features are. The last layer's q/k/v (LiteLVLM's context score) are its projections
+of its INPUT through its first layer norm, as hooks on `layers[-1].self_attn.{q,k,v}_proj` see them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from litelvlm.errors import LitelvlmError
+from litelvlm.pruners.base import Signal
+
+def hidden_state_index(select_layer: int, num_layers: int) -> int:
+    """Index into CLIP's L+1 hidden states (embeddings first) of the features the LLM gets."""
+    if not -(num_layers + 1) <= select_layer <= num_layers:
+        raise LitelvlmError(
+            f"select_layer={select_layer} is impossible for a {num_layers}-layer CLIP tower: its hidden states "
+            f"are indexed {-(num_layers + 1)}..{num_layers}"
+        )
+    return select_layer % (num_layers + 1)
+
+
+def attention_layer_index(select_layer: int, num_layers: int) -> int:
+    """Index of the layer whose attention map `attentions[select_layer]` is (VisPruner's CLS attention)."""
+    if not -num_layers <= select_layer < num_layers:
+        raise LitelvlmError(
+            f"select_layer={select_layer} has no CLS attention in a {num_layers}-layer CLIP tower: its "
+            f"attentions are indexed {-num_layers}..{num_layers - 1}"
+        )
+    return select_layer % num_layers
+
+
+@dataclass
+class VisionPass:
+    """What one pass over the CLIP vision layers captured (tensors in the tower's dtype)."""
+
+    features_with_cls: Tensor  # [B, N+1, D] hidden_states[select_layer]
+    select_qk: tuple[Tensor, Tensor] | None  # q, k projections of the layer of attentions[select_layer]
+    last_qkv: tuple[Tensor, Tensor, Tensor] | None  # q, k, v projections of the last layer
+
+
+def run_vision_layers(vision_model: nn.Module, pixel_values: Tensor, select_layer: int, needs: frozenset) -> VisionPass:
+    """Run the CLIP vision layers as far as the features and the asked-for projections need, once each.
+
+    A layer that runs anyway gives its projections through forward hooks; the deepest wanted layer,
+    when nothing needs its output, only computes them from its input (layer norm, then projection).
+    """
+    layers = vision_model.encoder.layers
+    num_layers = len(layers)
+    feature_index = hidden_state_index(select_layer, num_layers)
+    wanted: dict[int, tuple[str, ...]] = {}
+    if Signal.CLS_ATTENTION in needs:
+        wanted[attention_layer_index(select_layer, num_layers)] = ("q", "k")
+    if Signal.LAST_QKV in needs:
+        wanted[num_layers - 1] = ("q", "k", "v")  # a superset of ("q", "k") when both name the last layer
+    num_run = max([feature_index, *wanted])
+
+    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
+    features = hidden
+    projections: dict[int, dict[str, Tensor]] = {}
+    for index in range(num_run):
+        layer = layers[index]
+        if index in wanted:
+            with _capture_outputs(_projection_modules(layer, wanted[index])) as captured:
+                hidden = layer(hidden, None)
+            projections[index] = dict(captured)
+        else:
+            hidden = layer(hidden, None)
+        if index + 1 == feature_index:
+            features = hidden
+    if num_run in wanted:  # its output is not needed: project its input only
+        normed = layers[num_run].layer_norm1(hidden)
+        projections[num_run] = {name: module(normed) for name, module in _projection_modules(layers[num_run], wanted[num_run]).items()}
+
+    select_qk = last_qkv = None
+    if Signal.CLS_ATTENTION in needs:
+        found = projections[attention_layer_index(select_layer, num_layers)]
+        select_qk = (found["q"], found["k"])
+    if Signal.LAST_QKV in needs:
+        found = projections[num_layers - 1]
+        last_qkv = (found["q"], found["k"], found["v"])
+    return VisionPass(features, select_qk, last_qkv)
+
+
+def cls_attention(query: Tensor, key: Tensor, num_heads: int) -> Tensor:
+    """Attention probabilities of the CLS query over the patches, per head, in float32: [B, H, N]."""
+    b, length, width = key.shape
+    head_dim = width // num_heads
+    q = query[:, :1].reshape(b, 1, num_heads, head_dim).transpose(1, 2).float()
+    k = key.reshape(b, length, num_heads, head_dim).transpose(1, 2).float()
+    probs = ((q @ k.transpose(-1, -2)) / math.sqrt(head_dim)).softmax(-1)  # [B, H, 1, N+1]
+    return probs[:, :, 0, 1:]
+
+
+def project_patches(vision_tower: nn.Module, patch_features: Tensor) -> Tensor:
+    """CLIP's post_layernorm + visual_projection of patch features, in float32: [B, N, P]."""
+    norm = vision_tower.vision_model.post_layernorm
+    normed = F.layer_norm(patch_features.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    return F.linear(normed, vision_tower.visual_projection.weight.float())
+
+
+def _projection_modules(layer: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:
+    return {name: getattr(layer.self_attn, f"{name}_proj") for name in names}
+
+
+class _capture_outputs:
+    """Context manager: record the outputs of some modules during one forward, via hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.outputs: dict[str, Tensor] = {}
+        self.handles = []
+
+    def __enter__(self) -> dict[str, Tensor]:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self.outputs
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
