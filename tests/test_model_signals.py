@@ -1,4 +1,4 @@
-"""The pruning signals come from the CLIP towers exactly as method.md says, and only when declared.
+"""The pruning signals come from the CLIP towers exactly as docs/pruners.md says, and only when declared.
 
 Every signal the model hands a pruner is compared with an independent computation on the plain
 transformers towers (full forwards, eager attention, forward hooks), not with the model's own code.
@@ -26,8 +26,10 @@ class _Captured(Exception):
 class SignalRecorder(TokenPruner):
     """Declares the given signals and keeps what the model hands to `select`."""
 
-    def __init__(self, signals=PRE_LLM_SIGNALS, text_source: str = "question", stop: bool = True) -> None:
-        super().__init__(num_tokens=None)
+    def __init__(
+        self, signals=PRE_LLM_SIGNALS, text_source: str = "question", stop: bool = True, score_dtype: str = "model"
+    ) -> None:
+        super().__init__(num_tokens=None, score_dtype=score_dtype)
         self._signals = frozenset(signals)
         self.text_source = text_source
         self.stop = stop
@@ -272,8 +274,8 @@ def bf16_model(tiny_model):
     return copy.deepcopy(tiny_model).to(torch.bfloat16)
 
 
-def test_bfloat16_model_keeps_clip_signals_in_float32(bf16_model, demo_batch):
-    seen = capture(bf16_model, demo_batch, SignalRecorder())
+def test_bfloat16_model_with_float32_scores_upcasts_the_derived_signals(bf16_model, demo_batch):
+    seen = capture(bf16_model, demo_batch, SignalRecorder(score_dtype="float32"))
     assert seen.patch_features.dtype == torch.bfloat16
     assert seen.patch_embeds.dtype == torch.float32
     assert seen.text_embeds.dtype == torch.float32

@@ -268,8 +268,10 @@ class SimilarityReversalStudy(L.Callback):
         self.inside_threshold, self.k, self.cosine = inside_threshold, int(k), cosine
         self.text_source, self.seed, self.bootstrap_resamples = text_source, seed, bootstrap_resamples
         self.filename = filename
+        # The rules score in float32, the precision of the similarities the study measures (and ranks by).
         self.selectors = {
-            rule: {b: build_pruner(RULE_PRUNERS[rule], num_tokens=b, **({"seed": seed} if rule == "random" else {}))
+            rule: {b: build_pruner(RULE_PRUNERS[rule], num_tokens=b,
+                                   **({"seed": seed} if rule == "random" else {"score_dtype": "float32"}))
                    for b in self.budgets}
             for rule in self.rules
         }

@@ -13,6 +13,7 @@ from typing import Any
 
 from litelvlm.errors import LitelvlmError
 from litelvlm.pruners import TokenPruner, build_pruner, resolve_pruner_class
+from litelvlm.pruners.base import SCORE_DTYPES
 
 
 class SweepError(LitelvlmError):
@@ -24,21 +25,38 @@ class SweepGrid:
     """Every strategy at every budget: `strategies: [fastv, litelvlm]`, `budgets: [192, 64]`.
 
     A strategy is a pruner name (short name, class name or class path) or
-    `{class_path: name, init_args: {...}}` for knobs other than the budget. Configurations come
-    budget by budget, strategies in the order given (the layout of the paper's tables).
+    `{class_path: name, init_args: {...}}` for knobs other than the budget. `score_dtypes:
+    [model, float32]` also builds every scoring strategy once per precision (a strategy without the
+    knob, such as `random`, once). Configurations come budget by budget, strategies in the order
+    given (the layout of the paper's tables), each in the order of `score_dtypes`.
     """
 
     strategies: list[str | dict[str, Any]] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)
+    score_dtypes: list[str] | None = None  # None: each strategy's own (default `model`)
 
     def expand(self) -> list[TokenPruner]:
         if not self.strategies or not self.budgets:
             raise SweepError("model.sweep needs at least one strategy and one budget (strategies: [...], budgets: [...])")
+        if self.score_dtypes is not None and (
+            not self.score_dtypes or any(d not in SCORE_DTYPES for d in self.score_dtypes)
+            or len(set(self.score_dtypes)) != len(self.score_dtypes)
+        ):
+            raise SweepError(f"model.sweep.score_dtypes must list 'model' and/or 'float32' once each, got {self.score_dtypes!r}")
         specs = [_strategy_spec(strategy) for strategy in self.strategies]
-        for name, _ in specs:
-            if "num_tokens" not in inspect.signature(resolve_pruner_class(name)).parameters:
-                raise SweepError(f"sweep strategy '{name}' takes no budget; list it under model.pruners instead")
-        return [build_pruner(name, **init_args, num_tokens=budget) for budget in self.budgets for name, init_args in specs]
+        pruners = []
+        for budget in self.budgets:
+            for name, init_args in specs:
+                parameters = inspect.signature(resolve_pruner_class(name)).parameters
+                if "num_tokens" not in parameters:
+                    raise SweepError(f"sweep strategy '{name}' takes no budget; list it under model.pruners instead")
+                if self.score_dtypes is None or "score_dtype" not in parameters:
+                    pruners.append(build_pruner(name, **init_args, num_tokens=budget))
+                    continue
+                if "score_dtype" in init_args:
+                    raise SweepError(f"sweep strategy '{name}' sets score_dtype; the grid's score_dtypes set it")
+                pruners += [build_pruner(name, **init_args, num_tokens=budget, score_dtype=d) for d in self.score_dtypes]
+        return pruners
 
 
 def _strategy_spec(strategy: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:

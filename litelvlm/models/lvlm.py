@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -188,27 +189,41 @@ class PixelGroundingLVLM(nn.Module):
                 "available (build the model without encoders_only)"
             )
 
-    def encode_image(self, pixel_values: Tensor, needs: frozenset[Signal]) -> tuple[Tensor, VisualSignals]:
-        """Run the CLIP vision tower as far as needed; return patch features and the asked-for signals.
+    def encode_image(
+        self, pixel_values: Tensor, needs: frozenset[Signal], score_dtype: str = "float32"
+    ) -> tuple[Tensor, VisualSignals]:
+        """Run the CLIP vision tower as far as needed; return patch features and the asked-for signals,
+        `patch_embeds` and `cls_attention` derived in `score_dtype` (`model` or `float32`).
 
         Where each signal comes from, for every `select_layer`: `litelvlm/models/vision_signals.py`.
         """
+        patch_features, views = self.encode_image_views(pixel_values, {score_dtype: frozenset(needs)})
+        return patch_features, views[score_dtype]
+
+    def encode_image_views(
+        self, pixel_values: Tensor, needs_by_score_dtype: dict[str, frozenset[Signal]]
+    ) -> tuple[Tensor, dict[str, VisualSignals]]:
+        """One CLIP pass for pruners of several score dtypes: per score dtype, the signals its pruners
+        declared, the derived ones in that precision (the CLIP tensors themselves are shared)."""
+        needs = frozenset().union(*needs_by_score_dtype.values())
         vision = self.vision_tower.vision_model
         captured = run_vision_layers(vision, pixel_values.to(self.vision_tower.dtype), self.config.select_layer, needs)
         patch_features = captured.features_with_cls[:, 1:]
-        signals = VisualSignals(grid=self.config.grid, num_patches=self.num_patches, batch_size=patch_features.shape[0])
-        signals.last_qkv = captured.last_qkv
-        if Signal.CLS_ATTENTION in needs:
-            signals.cls_attention = _cls_attention(*captured.select_qk, self.config.vision.num_heads)
-        if Signal.PATCH_FEATURES in needs:
-            signals.patch_features = patch_features
-        if Signal.PATCH_EMBEDS in needs:
-            signals.patch_embeds = self.project_patches(patch_features)
-        return patch_features, signals
-
-    def project_patches(self, patch_features: Tensor) -> Tensor:
-        """CLIP's post_layernorm + visual_projection on patch features, in float32."""
-        return project_patches(self.vision_tower, patch_features)
+        views = {}
+        for score_dtype, wanted in needs_by_score_dtype.items():
+            signals = VisualSignals(
+                grid=self.config.grid, num_patches=self.num_patches, batch_size=patch_features.shape[0], score_dtype=score_dtype
+            )
+            if Signal.LAST_QKV in wanted:
+                signals.last_qkv = captured.last_qkv
+            if Signal.CLS_ATTENTION in wanted:
+                signals.cls_attention = _cls_attention(*captured.select_qk, self.config.vision.num_heads, score_dtype)
+            if Signal.PATCH_FEATURES in wanted:
+                signals.patch_features = patch_features
+            if Signal.PATCH_EMBEDS in wanted:
+                signals.patch_embeds = project_patches(self.vision_tower, patch_features, score_dtype)
+            views[score_dtype] = signals
+        return patch_features, views
 
     def encode_text(self, texts: list[list[str]], pooling: str = "eos") -> tuple[Tensor, Tensor]:
         """Projected CLIP text embeddings [B, T, P] (float32) and the real-slot mask [B, T].
@@ -345,7 +360,7 @@ class PixelGroundingLVLM(nn.Module):
                 position_embeddings = decoder.rotary_emb(hidden, position_ids=state["position_ids"])
             if index == (prune_layer or 0) - 1:
                 last_token_attention = self._last_token_attention(
-                    layer, hidden, position_embeddings, state["key_mask"], state["visual_positions"]
+                    layer, hidden, position_embeddings, state["key_mask"], state["visual_positions"], pruner.score_dtype
                 )
             visual_counts.append(state["visual_positions"].shape[1])
             lengths.append(hidden.shape[1])
@@ -396,12 +411,19 @@ class PixelGroundingLVLM(nn.Module):
 
     @staticmethod
     def _last_token_attention(
-        layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], key_mask: Tensor, visual_positions: Tensor
+        layer: nn.Module,
+        hidden: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        key_mask: Tensor,
+        visual_positions: Tensor,
+        score_dtype: str = "float32",
     ) -> Tensor:
         """Head-averaged attention of each sample's last real token over the visual positions, at `layer`.
 
         Computed from the layer's own q/k projections for one query row, so the LLM keeps its fast
-        attention kernel and no full attention map is materialised.
+        attention kernel and no full attention map is materialised. `model`: as FastV's reference
+        eager LLaMA attention (q.k / sqrt(head_dim) in the LLM's dtype, softmax in float32 cast back,
+        head mean in the LLM's dtype); `float32`: q and k upcast, everything in float32.
         """
         attn = layer.self_attn
         b = hidden.shape[0]
@@ -415,10 +437,14 @@ class PixelGroundingLVLM(nn.Module):
         query, _ = apply_rotary_pos_emb(query, query, cos[rows, last][:, None], sin[rows, last][:, None])
         _, key = apply_rotary_pos_emb(key, key, cos, sin)
         key = repeat_kv(key, attn.num_key_value_groups)
-        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, L]
-        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
-        probs = scores.softmax(-1).mean(1)[:, 0]  # [B, L]
-        return torch.gather(probs, 1, visual_positions)
+        masked = ~key_mask.bool()[:, None, None, :]
+        if score_dtype == "model":
+            scores = (query @ key.transpose(-1, -2)) / math.sqrt(head_dim)  # [B, H, 1, L]
+            probs = scores.masked_fill(masked, float("-inf")).softmax(-1, dtype=torch.float32).to(query.dtype)
+        else:
+            scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scaling
+            probs = scores.masked_fill(masked, float("-inf")).softmax(-1)
+        return torch.gather(probs.mean(1)[:, 0], 1, visual_positions)  # [B, N]
 
     # ------------------------------------------------------------------ SAM
     def encode_sam_image(self, sam_pixel_values: Tensor) -> Tensor:
@@ -480,16 +506,28 @@ class PixelGroundingLVLM(nn.Module):
         """
         if for_grounding:
             self._require_grounding_parts("encode(for_grounding=True)")
-        needs = frozenset(extra_signals).union(*(pruner.required_signals for pruner in pruners))
+        # Per score dtype, what its readers need: the pruners' own, and the studies' in float32.
+        needs_by_score_dtype: dict[str, set[Signal]] = {"float32": set(extra_signals)} if extra_signals or not pruners else {}
+        for pruner in pruners:
+            needs_by_score_dtype.setdefault(pruner.score_dtype, set()).update(pruner.required_signals)
+        needs = frozenset().union(*needs_by_score_dtype.values())
         pruner_text_keys = [_text_key(p) for p in pruners if Signal.TEXT_EMBEDS in p.required_signals]
         text_keys = dict.fromkeys(pruner_text_keys + list(extra_text_keys))  # each once, in order
         batch_size = batch.clip_pixel_values.shape[0]
         patch_features = None
-        signals = VisualSignals(grid=self.config.grid, num_patches=self.num_patches, batch_size=batch_size)
+        views = {
+            score_dtype: VisualSignals(
+                grid=self.config.grid, num_patches=self.num_patches, batch_size=batch_size, score_dtype=score_dtype
+            )
+            for score_dtype in needs_by_score_dtype
+        }
         if for_grounding or needs - {Signal.TEXT_EMBEDS}:
             with self.stage("clip_vision"):
-                patch_features, signals = self.encode_image(batch.clip_pixel_values, needs)
-        signals.sample_ids = batch.sample_ids
+                patch_features, views = self.encode_image_views(
+                    batch.clip_pixel_values, {key: frozenset(value) for key, value in needs_by_score_dtype.items()}
+                )
+        for signals in views.values():
+            signals.sample_ids = batch.sample_ids
         text_embeds = {}
         for source, pooling in text_keys:
             if source not in ("question", "expression"):
@@ -501,7 +539,7 @@ class PixelGroundingLVLM(nn.Module):
         if for_grounding:
             with self.stage("sam_image_encoder"):
                 sam_image_embeddings = self.encode_sam_image(batch.sam_pixel_values)
-        return SharedEncodings(patch_features, signals, text_embeds, sam_image_embeddings)
+        return SharedEncodings(patch_features, views, text_embeds, sam_image_embeddings)
 
     def ground(self, batch: GroundingBatch, shared: SharedEncodings, pruner: TokenPruner) -> GroundingOutput:
         """The pruner-dependent part: select, project, splice, decode, prompt SAM."""
@@ -513,7 +551,7 @@ class PixelGroundingLVLM(nn.Module):
                 kept = torch.arange(n, device=patch_features.device).expand(patch_features.shape[0], n)
                 groups = None  # set once the LLM has selected
             else:
-                signals = shared.signals
+                signals = shared.signals_by_score_dtype[pruner.score_dtype]
                 key = _text_key(pruner)
                 if key in shared.text_embeds:
                     signals = replace(signals)
@@ -575,9 +613,16 @@ class SharedEncodings:
     """
 
     patch_features: Tensor | None  # [B, N, D]
-    signals: VisualSignals  # without text embeddings: those are per text source
+    # Per score dtype in use ("float32" for the studies' extra signals), the signals derived in it;
+    # without text embeddings: those are per text source.
+    signals_by_score_dtype: dict[str, VisualSignals]
     text_embeds: dict[tuple[str, str], tuple[Tensor, Tensor]]  # (source, pooling) -> ([B, T, P], text_mask [B, T])
     sam_image_embeddings: Tensor | None  # [B, C, h, w]
+
+    @property
+    def signals(self) -> VisualSignals:
+        """The float32 signals (what the studies read), or the model-dtype ones when no reader asked for float32."""
+        return self.signals_by_score_dtype.get("float32") or self.signals_by_score_dtype["model"]
 
 
 def _text_key(pruner: TokenPruner) -> tuple[str, str]:

@@ -93,21 +93,35 @@ def run_vision_layers(vision_model: nn.Module, pixel_values: Tensor, select_laye
     return VisionPass(features, select_qk, last_qkv)
 
 
-def cls_attention(query: Tensor, key: Tensor, num_heads: int) -> Tensor:
-    """Attention probabilities of the CLS query over the patches, per head, in float32: [B, H, N]."""
+def cls_attention(query: Tensor, key: Tensor, num_heads: int, score_dtype: str = "float32") -> Tensor:
+    """Attention probabilities of the CLS query over the patches, per head: [B, H, N].
+
+    `model`: as the eager CLIPAttention of transformers 4.37 (VisPruner's pinned version), whose
+    `attentions` VisPruner reads: `q_proj(x) * head_dim**-0.5`, matmul and softmax, all in the tower's
+    dtype. `float32`: q and k upcast, the product divided by sqrt(head_dim), softmax in float32.
+    """
     b, length, width = key.shape
     head_dim = width // num_heads
-    q = query[:, :1].reshape(b, 1, num_heads, head_dim).transpose(1, 2).float()
-    k = key.reshape(b, length, num_heads, head_dim).transpose(1, 2).float()
-    probs = ((q @ k.transpose(-1, -2)) / math.sqrt(head_dim)).softmax(-1)  # [B, H, 1, N+1]
+    q = query[:, :1].reshape(b, 1, num_heads, head_dim).transpose(1, 2)
+    k = key.reshape(b, length, num_heads, head_dim).transpose(1, 2)
+    if score_dtype == "model":
+        probs = ((q * head_dim**-0.5) @ k.transpose(-1, -2)).softmax(-1)  # [B, H, 1, N+1]
+    else:
+        probs = ((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(head_dim)).softmax(-1)
     return probs[:, :, 0, 1:]
 
 
-def project_patches(vision_tower: nn.Module, patch_features: Tensor) -> Tensor:
-    """CLIP's post_layernorm + visual_projection of patch features, in float32: [B, N, P]."""
-    norm = vision_tower.vision_model.post_layernorm
+def project_patches(vision_tower: nn.Module, patch_features: Tensor, score_dtype: str = "float32") -> Tensor:
+    """CLIP's post_layernorm + visual_projection of patch features: [B, N, P].
+
+    `model`: the tower's own modules in its dtype, as LiteLVLM's `sim_aware_pruning` (autocast off).
+    `float32`: features and weights upcast.
+    """
+    norm, projection = vision_tower.vision_model.post_layernorm, vision_tower.visual_projection
+    if score_dtype == "model":
+        return projection(norm(patch_features.to(norm.weight.dtype)))
     normed = F.layer_norm(patch_features.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-    return F.linear(normed, vision_tower.visual_projection.weight.float())
+    return F.linear(normed, projection.weight.float())
 
 
 def _projection_modules(layer: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:

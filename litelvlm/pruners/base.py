@@ -5,6 +5,9 @@ nothing else. Pre-LLM pruners implement `select(signals)` and return kept patch 
 pruners set `prune_layer = K` and implement `select_in_llm(attention)`: the model calls it between
 decoder layers K-1 and K and does the dropping (or masking) itself.
 
+Scores are computed in the precision `score_dtype` names: `model` (default) in the dtype the model
+runs in, op for op as each method's reference does; `float32` upcasts first (docs/pruners.md).
+
 Every kept token also carries a group label, an index into the pruner's `group_names` (LiteLVLM's
 similarity-aware vs context-aware tokens, VisPruner's important vs diverse), so a visualiser can
 show which rule kept which patch. A pruner with groups overrides `select_with_groups`.
@@ -49,15 +52,18 @@ class VisualSignals:
     """
 
     patch_features: Tensor | None = None  # [B, N, D] select-layer patch features, before the projector
-    patch_embeds: Tensor | None = None  # [B, N, P] post_layernorm + visual_projection, float32
+    patch_embeds: Tensor | None = None  # [B, N, P] post_layernorm + visual_projection, in `score_dtype`
     text_embeds: Tensor | None = None  # [B, T, P] projected CLIP text embeddings of the questions
-    cls_attention: Tensor | None = None  # [B, H, N] select-layer CLS attention over the patches
+    cls_attention: Tensor | None = None  # [B, H, N] select-layer CLS attention over the patches, in `score_dtype`
     last_qkv: tuple[Tensor, Tensor, Tensor] | None = None  # each [B, N+1, D], CLS first
     text_mask: Tensor | None = None  # [B, T] bool: which text slots hold a real question
     grid: tuple[int, int] | None = None  # patch grid (h, w)
     num_patches: int | None = None  # N, known even when no tensor was asked for
     batch_size: int | None = None
     sample_ids: Tensor | None = None  # [B] stable id of each sample (its data-set index)
+    # The precision the model derived `patch_embeds` and `cls_attention` in (the pruner's `score_dtype`);
+    # the other tensors are as the towers computed them (text embeddings upcast to float32, exactly).
+    score_dtype: str = "float32"
 
     def require(self, signal: Signal | str):
         """Return a signal's tensor, or raise an error that names the missing signal."""
@@ -73,6 +79,8 @@ class VisualSignals:
 
 KeptOrder = Literal["reference", "raster"]
 PositionIds = Literal["contiguous", "original"]
+ScoreDtype = Literal["model", "float32"]
+SCORE_DTYPES: tuple[str, ...] = ("model", "float32")
 
 
 class TokenPruner(nn.Module):
@@ -85,6 +93,9 @@ class TokenPruner(nn.Module):
         position_ids: `contiguous` renumbers the spliced sequence 0..L-1 (LLaVA's behaviour);
             `original` gives each kept visual token the position it had in the unpruned sequence
             (and the text after the image keeps its unpruned positions). Applied by the model.
+        score_dtype: `model` computes the selection scores in the dtype the model runs in, as the
+            method's reference does (bf16 or fp16 runs score in bf16 or fp16, where rounding makes
+            ties); `float32` upcasts the inputs first. The model reads it for the signals it derives.
     """
 
     short_name: ClassVar[str] = ""
@@ -107,6 +118,7 @@ class TokenPruner(nn.Module):
         num_tokens: int | None = None,
         kept_order: KeptOrder = "reference",
         position_ids: PositionIds = "contiguous",
+        score_dtype: ScoreDtype = "model",
     ) -> None:
         super().__init__()
         if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)):
@@ -117,7 +129,10 @@ class TokenPruner(nn.Module):
             raise PrunerError(f"kept_order must be 'reference' or 'raster', got {kept_order!r}")
         if position_ids not in ("contiguous", "original"):
             raise PrunerError(f"position_ids must be 'contiguous' or 'original', got {position_ids!r}")
+        if score_dtype not in SCORE_DTYPES:
+            raise PrunerError(f"score_dtype must be 'model' or 'float32', got {score_dtype!r}")
         self.num_tokens = num_tokens
+        self.score_dtype = score_dtype
         self.kept_order = kept_order
         self.position_ids = position_ids
 
@@ -165,18 +180,22 @@ class TokenPruner(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not act inside the LLM")
 
     def extra_repr(self) -> str:
-        return f"num_tokens={self.num_tokens}, kept_order={self.kept_order}, position_ids={self.position_ids}"
+        return (
+            f"num_tokens={self.num_tokens}, kept_order={self.kept_order}, position_ids={self.position_ids}, "
+            f"score_dtype={self.score_dtype}"
+        )
 
     def hparams(self) -> dict:
         """Flat description for logs and results files."""
-        return {"pruner": self.name, "num_tokens": self.num_tokens}
+        return {"pruner": self.name, "num_tokens": self.num_tokens, "score_dtype": self.score_dtype}
 
 
 def top_k_indices(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     """Indices of the k largest (or smallest) scores along the last dim, best first, ties by index.
 
-    `torch.topk` does not promise an order among equal scores; a stable sort does, which keeps
-    selections reproducible across devices.
+    `torch.topk` and a plain sort (the references' `topk` / `argsort` / `sort`) promise no order
+    among equal scores, and on a GPU it varies; a stable sort does, which keeps selections
+    reproducible across devices. Ties are common in bf16 / fp16 scores.
     """
     order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
     return order[..., :k]

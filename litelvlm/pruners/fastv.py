@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, top_k_indices
+from litelvlm.pruners.base import PrunerError, ScoreDtype, Signal, TokenPruner, top_k_indices
 from litelvlm.pruners.registry import register_pruner
 
 FastVMode = Literal["inplace", "mask"]
@@ -25,10 +25,14 @@ class FastV(TokenPruner):
         num_tokens: R, visual tokens kept from layer K on.
         layer: K >= 1, the first decoder layer that runs on the kept tokens (reference default 2).
         mode: `inplace` drops tokens (the real speed-up); `mask` only masks them out of attention.
+        score_dtype: see `TokenPruner`; the model computes the attention row with it. `model`: q.k
+            and the head mean in the LLM's dtype, the softmax in float32 cast back, as the reference.
     """
 
-    def __init__(self, num_tokens: int = 192, layer: int = 2, mode: FastVMode = "inplace") -> None:
-        super().__init__(num_tokens=num_tokens, kept_order="raster", position_ids="original")
+    def __init__(
+        self, num_tokens: int = 192, layer: int = 2, mode: FastVMode = "inplace", score_dtype: ScoreDtype = "model"
+    ) -> None:
+        super().__init__(num_tokens=num_tokens, kept_order="raster", position_ids="original", score_dtype=score_dtype)
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
             raise PrunerError(f"layer must be an integer >= 1 (FastV needs one full layer's attention), got {layer!r}")
         if mode not in ("inplace", "mask"):
@@ -46,14 +50,17 @@ class FastV(TokenPruner):
         return (f"kept at layer {self.prune_layer}",)
 
     def select_in_llm(self, attention: Tensor) -> Tensor:
-        """Top-R visual positions by `attention` [B, N], returned ascending as [B, R]."""
+        """Top-R visual positions by `attention` [B, N], returned ascending as [B, R].
+
+        The upcast is exact, so the ranking is the one of `attention`'s own dtype.
+        """
         if attention.dim() != 2:
             raise PrunerError(f"FastV expects attention of shape [B, N], got {tuple(attention.shape)}")
         budget = self.budget(attention.shape[-1])
         return top_k_indices(attention.float(), budget, largest=True).sort(dim=-1).values
 
     def extra_repr(self) -> str:
-        return f"num_tokens={self.num_tokens}, layer={self.prune_layer}, mode={self.mode}"
+        return f"num_tokens={self.num_tokens}, layer={self.prune_layer}, mode={self.mode}, score_dtype={self.score_dtype}"
 
     def hparams(self) -> dict:
         return {**super().hparams(), "layer": self.prune_layer, "mode": self.mode}

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, Signal, TokenPruner, VisualSignals, top_k_indices
+from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, ScoreDtype, Signal, TokenPruner, VisualSignals
+from litelvlm.pruners.base import top_k_indices
 from litelvlm.pruners.registry import register_pruner
 
 TextSource = Literal["question", "expression"]
@@ -30,18 +31,30 @@ SimilarityPick = Literal["lowest", "highest"]
 FillBy = Literal["context", "min_similarity"]
 
 
-def text_similarity(patch_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-    """s[b, t, i] = <patch i, text t> in float32, on unnormalised projected CLIP vectors: [B, T, N]."""
-    return torch.einsum("bnp,btp->btn", patch_embeds.float(), text_embeds.float())
+def text_similarity(patch_embeds: Tensor, text_embeds: Tensor, score_dtype: str = "float32") -> Tensor:
+    """s[b, t, i] = <patch i, text t> on unnormalised projected CLIP vectors: [B, T, N].
+
+    `float32`: both upcast. `model`: in the patch embeddings' dtype, as the reference's one matmul.
+    """
+    if score_dtype == "float32":
+        return torch.einsum("bnp,btp->btn", patch_embeds.float(), text_embeds.float())
+    text = text_embeds.to(patch_embeds.dtype)
+    return torch.matmul(patch_embeds.unsqueeze(1), text.unsqueeze(-1)).squeeze(-1)
 
 
-def context_scores(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def context_scores(q: Tensor, k: Tensor, v: Tensor, score_dtype: str = "float32") -> Tensor:
     """Context score c_i = ||w_i v_i|| of every patch, from the last CLIP layer's q/k/v: [B, N].
 
     q, k, v are [B, N+1, D] with the CLS token first; w = softmax over patches of the cosine of the
-    CLS query with each patch key, divided by sqrt(D).
+    CLS query with each patch key, divided by sqrt(D). `float32`: upcast first. `model`: every op in
+    q/k/v's dtype, in the reference's order (normalise, matmul, divide, softmax, weight, norm).
     """
     width = q.shape[-1]
+    if score_dtype == "model":
+        cls_query = F.normalize(q[:, :1], dim=-1)  # [B, 1, D]
+        patch_keys = F.normalize(k[:, 1:], dim=-1)  # [B, N, D]
+        weights = F.softmax(torch.matmul(cls_query, patch_keys.transpose(-2, -1)) / width**0.5, dim=-1)  # [B, 1, N]
+        return (weights.transpose(1, 2) * v[:, 1:]).norm(dim=-1)
     cls_query = F.normalize(q[:, 0].float(), dim=-1)  # [B, D]
     patch_keys = F.normalize(k[:, 1:].float(), dim=-1)  # [B, N, D]
     logits = torch.einsum("bd,bnd->bn", cls_query, patch_keys) / math.sqrt(width)
@@ -62,6 +75,8 @@ class LiteLVLM(TokenPruner):
             the content tokens' final states through the same final norm and projection: tests
             whether the [EOS] attention sink matters). Read by the model.
         kept_order, position_ids: see `TokenPruner`; applied by the model.
+        score_dtype: see `TokenPruner`. `model`: the similarities and context scores in the towers'
+            dtype, as the reference (bf16 in its evaluation).
     """
 
     # None: no similarity-aware set (context-only).
@@ -76,8 +91,9 @@ class LiteLVLM(TokenPruner):
         text_pooling: TextPooling = "eos",
         kept_order: KeptOrder = "reference",
         position_ids: PositionIds = "contiguous",
+        score_dtype: ScoreDtype = "model",
     ) -> None:
-        super().__init__(num_tokens=num_tokens, kept_order=kept_order, position_ids=position_ids)
+        super().__init__(num_tokens=num_tokens, kept_order=kept_order, position_ids=position_ids, score_dtype=score_dtype)
         if text_source not in ("question", "expression"):
             raise PrunerError(f"text_source must be 'question' or 'expression', got {text_source!r}")
         self.text_source = text_source
@@ -109,13 +125,15 @@ class LiteLVLM(TokenPruner):
     def _select_and_label(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
         similarity = context = None
         if self.uses_text:
-            similarity = text_similarity(signals.require(Signal.PATCH_EMBEDS), signals.require(Signal.TEXT_EMBEDS))
+            similarity = text_similarity(
+                signals.require(Signal.PATCH_EMBEDS), signals.require(Signal.TEXT_EMBEDS), self.score_dtype
+            )
             sentence_mask = signals.text_mask
             if sentence_mask is None:
                 sentence_mask = torch.ones(similarity.shape[:2], dtype=torch.bool, device=similarity.device)
             sentence_mask = sentence_mask.to(similarity.device)
         if self.fill_by == "context":
-            context = context_scores(*signals.require(Signal.LAST_QKV))
+            context = context_scores(*signals.require(Signal.LAST_QKV), score_dtype=self.score_dtype)
         scores = context if context is not None else similarity
         batch_size, num_patches = scores.shape[0], scores.shape[-1]
         budget = self.budget(num_patches)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, Signal, TokenPruner, VisualSignals, top_k_indices
+from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, ScoreDtype, Signal, TokenPruner, VisualSignals
+from litelvlm.pruners.base import top_k_indices
 from litelvlm.pruners.registry import register_pruner
 
 MAX_REMOVED_PER_ROUND = 8
@@ -18,8 +19,8 @@ def remove_duplicates(candidates: Tensor, features: Tensor, target: int) -> Tens
     Each round splits the current list into A (even positions) and B (odd positions), scores every
     A token by its highest cosine similarity to B, and drops the min(8, M - target) A tokens with the
     highest score (all of A if it holds fewer). The survivors form the next list as the reference
-    builds it: the kept A tokens by descending score, then B. `features` [B, N, D] are L2-normalised.
-    Works for odd M too (A then holds one token more than B).
+    builds it: the kept A tokens by descending score, then B. `features` [B, N, D] are L2-normalised,
+    in the dtype the cosines are computed in. Works for odd M too (A then holds one token more than B).
     """
     if target == 0:
         return candidates[:, :0]
@@ -44,6 +45,8 @@ class VisPruner(TokenPruner):
         num_tokens: R, visual tokens kept per image.
         important_ratio: share of R taken by attention (the reference default 0.5).
         kept_order, position_ids: see `TokenPruner` (the method's own order is raster).
+        score_dtype: see `TokenPruner`. `model`: the CLS attention, its head mean, the feature
+            normalisation and the cosines in the tower's dtype, as the reference (fp16 there).
     """
 
     def __init__(
@@ -52,8 +55,9 @@ class VisPruner(TokenPruner):
         important_ratio: float = 0.5,
         kept_order: KeptOrder = "reference",
         position_ids: PositionIds = "contiguous",
+        score_dtype: ScoreDtype = "model",
     ) -> None:
-        super().__init__(num_tokens=num_tokens, kept_order=kept_order, position_ids=position_ids)
+        super().__init__(num_tokens=num_tokens, kept_order=kept_order, position_ids=position_ids, score_dtype=score_dtype)
         if not 0.0 <= important_ratio <= 1.0:
             raise PrunerError(f"important_ratio must be in [0, 1], got {important_ratio}")
         self.important_ratio = important_ratio
@@ -73,8 +77,11 @@ class VisPruner(TokenPruner):
         return self._select_and_label(signals)
 
     def _select_and_label(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
-        attention = signals.require(Signal.CLS_ATTENTION).float().mean(dim=1)  # [B, N]
-        features = F.normalize(signals.require(Signal.PATCH_FEATURES).float(), dim=-1)
+        attention, features = signals.require(Signal.CLS_ATTENTION), signals.require(Signal.PATCH_FEATURES)
+        if self.score_dtype == "float32":
+            attention, features = attention.float().mean(dim=1), F.normalize(features.float(), dim=-1)  # [B, N], [B, N, D]
+        else:  # the reference's ops: the head mean of the model's attention, x / ||x|| (no epsilon)
+            attention, features = attention.mean(dim=1), features / features.norm(dim=-1, keepdim=True)
         budget = self.budget(attention.shape[-1])
         num_important = int(budget * self.important_ratio)  # round down, as the reference
 
