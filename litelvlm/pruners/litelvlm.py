@@ -8,8 +8,9 @@ Every variant keeps `R` patches as `fill + S`:
   similarity-only ablation.
 With `R < T` the per-sentence budget `R // T` is 0, so `S` is empty and the fill ranking picks all
 `R` (the reference's top-k with k = 0 behaves the same).
-Group labels: 0 for `S` ("similarity-aware"), 1 for the fill (method.md's context-aware set `C`;
-the similarity-only ablation names its fill for what it is).
+Group labels: 0 for `S` ("similarity-aware"), 1 for the fill (the context-aware set `C`; the
+similarity-only ablation names its fill for what it is). The rules, with the reference
+(sejong-rcv/LiteLVLM `model/llava/model/multimodal_encoder/clip_encoder.py`), are in docs/pruners.md.
 """
 
 from __future__ import annotations
