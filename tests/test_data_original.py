@@ -207,6 +207,19 @@ def test_images_are_read_from_coco_train2014_by_their_instances_file_name(refcoc
     assert sample.image.mode == "RGB" and sample.image.size == IMAGE_SIZES[1]
 
 
+def test_an_image_stored_sideways_with_an_exif_orientation_is_read_upright(refcoco_root):
+    path = refcoco_root / "coco_2014" / "train2014" / coco_name(1)
+    with Image.open(path) as original:
+        upright = np.asarray(original.convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: stored turned anticlockwise, 30 x 40 (w x h)
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(path, format="JPEG", quality=100, exif=exif)
+    sample = all_sentences(refcoco_root)[1]  # instances.json says 40 x 30: no size error
+    assert sample.image.size == IMAGE_SIZES[1]
+    assert np.abs(np.asarray(sample.image).astype(int) - upright).mean() < 8  # a wrong turn differs by ~85
+    np.testing.assert_array_equal(sample.masks[0], EXPECTED[101])
+
+
 def test_up_to_max_sentences_are_chosen_with_the_seed_the_same_way_every_time(refcoco_root):
     def chosen(seed):
         return OriginalReferringDataset(refcoco_root, "refcoco", "val", max_sentences=3, seed=seed)[0].sentences

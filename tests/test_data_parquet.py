@@ -227,8 +227,9 @@ def test_rle_uncompressed_and_compressed_decode_to_the_hand_made_mask():
 @pytest.mark.parametrize(
     "segmentation, message",
     [
-        ([1, 1, 4, 1, 4], "odd number of coordinates"),
-        ([1, 1, 4, 1], "2 points; a polygon needs at least 3"),
+        ([1, 1, 4, 1], "polygon 0 has 4 coordinates; pycocotools .* needs more than 4"),
+        ([[1, 1], [1, 1, 4, 1, 4, 3]], "polygon 0 has 2 coordinates"),
+        ([1, 1, 4, 1, 1e7, 3], "more than 16 image sizes outside the 6x5 .* image: 10000000.0"),
         ([[1, 1, 4, 1, 4, 3], "x"], "polygon 1 must be a flat list of numbers"),
         ([1, 1, 4, float("nan"), 4, 3], "non-finite"),
         ([], "empty polygon list"),

@@ -36,16 +36,26 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _as_polygon_list(polygons: Sequence) -> list[list[float]]:
-    """Accept one flat polygon or a list of flat polygons; check each before pycocotools sees it.
+# A coordinate this many image sizes outside the image is garbage, and pycocotools would walk (and
+# allocate) its whole edge: refused before it gets there.
+MAX_OUTSIDE = 16
 
-    The checks matter: pycocotools silently reads a 4-number list as a box, and fails with an
-    unhelpful type error on ragged input.
+
+def _as_polygon_list(polygons: Sequence, height: int, width: int) -> list[list[float]]:
+    """Accept one flat polygon or a list of flat polygons (parts); check each before pycocotools sees it.
+
+    What passes is what pycocotools' `frPyObjects` rasterises, as the references call it (with the
+    annotation's list of parts): the first part needs more than 4 coordinates (4 make it read the
+    parts as boxes, which it then refuses for lists; fewer it refuses outright); any later part may
+    be shorter (fewer than 3 points give no pixel), and an odd trailing coordinate is ignored.
+    Refused here as well: non-numbers, which pycocotools meets with a bare type error, and
+    non-finite or far-off coordinates, on which it exhausts memory.
     """
     if len(polygons) == 0:
         raise MalformedSegmentationError("empty polygon list (a no-target ref has no annotation instead)")
     if all(_is_number(value) for value in polygons):
         polygons = [polygons]
+    limit = MAX_OUTSIDE * max(height, width, 1)
     checked = []
     for index, polygon in enumerate(polygons):
         if isinstance(polygon, (str, bytes, dict)) or not isinstance(polygon, (Sequence, np.ndarray)):
@@ -55,23 +65,29 @@ def _as_polygon_list(polygons: Sequence) -> list[list[float]]:
         if not all(_is_number(value) for value in polygon):
             raise MalformedSegmentationError(f"polygon {index} holds something other than numbers: {list(polygon)[:8]}")
         coordinates = [float(value) for value in polygon]
-        if len(coordinates) % 2 != 0:
-            raise MalformedSegmentationError(
-                f"polygon {index} has an odd number of coordinates ({len(coordinates)}): expected x, y pairs"
-            )
-        if len(coordinates) < 6:
-            raise MalformedSegmentationError(
-                f"polygon {index} has {len(coordinates) // 2} points; a polygon needs at least 3"
-            )
         if not all(math.isfinite(value) for value in coordinates):
             raise MalformedSegmentationError(f"polygon {index} holds a non-finite coordinate")
+        if any(abs(value) > limit for value in coordinates):
+            raise MalformedSegmentationError(
+                f"polygon {index} has a coordinate more than {MAX_OUTSIDE} image sizes outside the "
+                f"{width}x{height} (w x h) image: {max(coordinates, key=abs)}"
+            )
         checked.append(coordinates)
+    if len(checked[0]) <= 4:
+        raise MalformedSegmentationError(
+            f"polygon 0 has {len(checked[0])} coordinates; pycocotools (the references' rasteriser) needs "
+            "more than 4 in an annotation's first polygon"
+        )
     return checked
 
 
 def polygons_to_mask(polygons: Sequence, height: int, width: int) -> np.ndarray:
-    """Rasterise one flat polygon or a list of polygons (their union) to a bool [height, width] mask."""
-    polygon_list = _as_polygon_list(polygons)
+    """Rasterise one flat polygon or a list of polygons (their union) to a bool [height, width] mask.
+
+    Overlapping parts count once: the references sum the parts' masks, so that an overlap holds 2
+    and drops out of their metric; here it is object (docs/datasets.md, "Ground-truth masks").
+    """
+    polygon_list = _as_polygon_list(polygons, height, width)
     rles = coco_mask.frPyObjects(polygon_list, height, width)
     return _decode(coco_mask.merge(rles))
 

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from litelvlm.errors import DataError
 from litelvlm.data.masks import MalformedSegmentationError
+from litelvlm.data.images import decode_rgb
 from litelvlm.data.records import ReferringRecordDataset, SkippedItem
 from litelvlm.data.refcoco_parquet import CorruptImageError
 from litelvlm.data.safe_pickle import load_refs_pickle
@@ -309,8 +310,7 @@ class OriginalReferringDataset(ReferringRecordDataset):
         if not path.is_file():
             raise FileNotFoundError(f"image {record.image_id}: the image file {path} does not exist")
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            image = decode_rgb(path)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
             raise CorruptImageError(f"image {record.image_id}: {path} cannot be decoded ({error})") from error
         width, height = self._image_sizes.get(record.image_id, (None, None))

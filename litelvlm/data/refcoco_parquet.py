@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from litelvlm.errors import DataError
+from litelvlm.data.images import decode_rgb
 from litelvlm.data.records import ReferringRecordDataset, choose_sentences  # noqa: F401  (public here too)
 from litelvlm.data.samples import ReferringImageRecord, ReferringRef
 
@@ -184,7 +185,6 @@ class ReferringImageDataset(ReferringRecordDataset):
                 raise CorruptImageError(f"{where} has no image bytes, and its image path {path!r} is not a file")
             data = existing[0].read_bytes()
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
+            return decode_rgb(io.BytesIO(data))
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise CorruptImageError(f"{where}: the image cannot be decoded ({error})") from error
