@@ -51,7 +51,8 @@ DEFAULT_TEXT_TOKENS = 126
 BUDGETS = (192, 64)
 IMAGE_POSITION = 35  # text tokens before the image in GLaMM's prompt (system prompt, "USER: The <im_start>")
 ORIGINAL_SIZE = (480, 640)  # a COCO-sized image; only the final mask resize depends on it
-# Published LLM FLOPs of GLaMM-7B (method.md), in 10^12 MACs, by (pruner, kept tokens).
+# Published LLM FLOPs of GLaMM-7B (the LiteLVLM paper; docs/models.md, "Published efficiency figures"),
+# in 10^12 MACs, by (pruner, kept tokens).
 PUBLISHED_LLM_TMACS = {
     ("none", 576): 4.66,
     ("fastv", 192): 2.65,
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(format_table(rows))
     print("FastV's published column matches neither variant: `inplace` is what dropping tokens after layer K "
-          "costs, `mask` keeps every token (method.md).")
+          "costs, `mask` keeps every token (docs/models.md, \"Published efficiency figures\").")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

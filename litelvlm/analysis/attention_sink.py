@@ -3,8 +3,8 @@
 The projected [EOS] state is the sentence embedding LiteLVLM compares patches with. For each question
 and every layer and head of the CLIP text tower this takes the [EOS] query's attention row and
 measures its share on [SOS], on the content tokens between them, on itself, and its entropy
-(method.md, "Text attention sink"). Only the text tower's attention is read, from an eager-attention
-copy of it (sdpa returns no probabilities); the LLM is never asked for attention. That pass is the
+(docs/studies.md, "Text attention sink"). Only the text tower's attention is read, from an
+eager-attention copy of it (sdpa returns no probabilities); the LLM is never asked for attention. That pass is the
 study's own: the model's encodings hold no attention probabilities, so it asks the module for none
 (`required_signals` / `required_text` are empty) and runs the same under `model.encoders_only`.
 """

@@ -1,6 +1,6 @@
 """Similarity reversal study: is CLIP image-text similarity LOWER on the patches of the referred object?
 
-Per sample and sentence (method.md, "Similarity reversal"): the ground-truth mask's patch coverage
+Per sample and sentence (docs/studies.md, "Similarity reversal"): the ground-truth mask's patch coverage
 through the CLIP geometry, the LiteLVLM step-1 similarities, their means inside vs outside the
 object, the AUROC of low similarity as a predictor of inside, and the referent recall of every
 selection rule at each budget. The rules are the registered pruners, run with the sentence alone as
@@ -34,8 +34,8 @@ from litelvlm.pruners.base import Signal, TokenPruner, VisualSignals, top_k_indi
 from litelvlm.pruners.litelvlm import text_similarity
 from litelvlm.pruners.registry import build_pruner
 
-# Each rule of method.md and the registered pruner that implements it. With one sentence (T = 1)
-# `similarity-only` keeps exactly the R lowest-similarity patches and `reversed-similarity` exactly
+# Each rule of docs/studies.md ("Similarity reversal") and the registered pruner that implements
+# it. With one sentence (T = 1) `similarity-only` keeps exactly the R lowest-similarity patches and `reversed-similarity` exactly
 # the R highest (its per-sentence budget R // 1 = R fills the whole budget, no context top-up).
 RULE_PRUNERS = {
     "lowest-similarity": "similarity-only",

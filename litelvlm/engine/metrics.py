@@ -41,7 +41,8 @@ class ReferringIoU(Metric):
         self.num_masks += preds.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
-        # No foreground anywhere: 0, as the reference's intersection / (union + 1e-10) gives.
+        # No foreground anywhere: 0, as the references' intersection / (union + 1e-10) gives
+        # (docs/models.md, "Scores").
         ciou = self.intersection / self.union if self.union > 0 else torch.zeros((), dtype=torch.float64)
         giou = self.iou_sum / self.num_masks if self.num_masks > 0 else torch.tensor(float("nan"), dtype=torch.float64)
         return {"ciou": ciou, "giou": giou, "num_masks": self.num_masks}

@@ -30,7 +30,7 @@ class MaskScores:
 
 
 def score_masks(mask_logits: list[Tensor], gt_masks: list[Tensor], retained_tokens: int) -> MaskScores:
-    """Prediction = logits > 0 at the original size (method.md); one score per predicted mask."""
+    """Prediction = logits > 0 at the original size (docs/models.md, "Scores"); one score per predicted mask."""
     intersections, unions = [], []
     for logits, target in zip(mask_logits, gt_masks):
         pred, target = logits > 0, target.to(logits.device).bool()
