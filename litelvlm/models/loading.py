@@ -2,7 +2,7 @@
 
 A preset name (`tiny-glamm`) builds the architecture with seeded random weights and the tiny
 tokenizers the project builds itself. Released checkpoints (a folder or a hub id) go through the
-checkpoint loader.
+checkpoint loader (`checkpoint.py`), which this module sits on top of.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from litelvlm.models.config import PRESETS, LVLMConfig
+from litelvlm.models.checkpoint import from_pretrained, read_checkpoint
+from litelvlm.models.config import DTYPES, PRESETS, LVLMConfig, resolve_dtype  # noqa: F401  (DTYPES public here too)
 from litelvlm.models.lvlm import PixelGroundingLVLM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from litelvlm.models.tiny_assets import ensure_tiny_tokenizers
+from litelvlm.models.tokenizer import load_clip_tokenizer, load_llm_tokenizer, special_token_ids
+from litelvlm.models.weight_files import HUB_ID
 
 
 @dataclass
@@ -28,22 +30,12 @@ class ModelAssets:
     random_weights: bool
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def _is_tiny_preset(checkpoint: str) -> bool:
     return checkpoint in PRESETS and checkpoint.startswith("tiny")
 
 
 def _require_checkpoint_name(checkpoint: str) -> None:
     """A released checkpoint is a folder here or a hub id (owner/name); anything else is a typo."""
-    from litelvlm.models.checkpoint import HUB_ID
-
     if checkpoint in PRESETS:
         raise ValueError(
             f"'{checkpoint}' is an architecture preset; give the checkpoint folder or hub id of the "
@@ -63,9 +55,6 @@ def load_assets(checkpoint: str, clip_checkpoint: str | None = None, *, encoders
     then the preset default, not read from the weights.
     """
     if _is_tiny_preset(checkpoint):
-        from litelvlm.models.tiny_assets import ensure_tiny_tokenizers
-        from litelvlm.models.tokenizer import load_clip_tokenizer, load_llm_tokenizer
-
         folder = Path(ensure_tiny_tokenizers())
         llm_tokenizer = load_llm_tokenizer(folder / "llm")
         clip_tokenizer = load_clip_tokenizer(folder / "clip")
@@ -77,8 +66,6 @@ def load_assets(checkpoint: str, clip_checkpoint: str | None = None, *, encoders
         )
         return ModelAssets(config, llm_tokenizer, clip_tokenizer, random_weights=True)
     _require_checkpoint_name(checkpoint)
-    from litelvlm.models.checkpoint import read_checkpoint
-
     assets = read_checkpoint(checkpoint, clip_checkpoint, encoders_only=encoders_only)
     return ModelAssets(assets.config, assets.llm_tokenizer, assets.clip_tokenizer, random_weights=False)
 
@@ -102,8 +89,6 @@ def load_lvlm(
     if _is_tiny_preset(checkpoint):
         return _build_tiny(checkpoint, dtype, seed, seg_prompt_position, device, encoders_only)
     _require_checkpoint_name(checkpoint)
-    from litelvlm.models.checkpoint import from_pretrained
-
     loaded = from_pretrained(
         checkpoint,
         dtype=dtype,
@@ -118,8 +103,6 @@ def load_lvlm(
 def _build_tiny(
     checkpoint: str, dtype, seed: int, seg_prompt_position: str, device, encoders_only: bool = False
 ) -> PixelGroundingLVLM:
-    from litelvlm.models.tokenizer import special_token_ids
-
     assets = load_assets(checkpoint)
     ids = special_token_ids(assets.llm_tokenizer)
     clip = assets.clip_tokenizer

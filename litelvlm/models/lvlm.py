@@ -37,6 +37,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import IGNORE_INDEX, GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
+from litelvlm.models.tokenizer import tokenize_questions
 from litelvlm.models.vision_signals import cls_attention as _cls_attention
 from litelvlm.models.vision_signals import project_patches, run_vision_layers
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
@@ -236,8 +237,6 @@ class PixelGroundingLVLM(nn.Module):
             raise PrunerError(f"text_pooling must be 'eos' or 'mean', got {pooling!r}")
         if self.text_tower is None or self.clip_tokenizer is None:
             raise PrunerError("this pruner needs CLIP text embeddings, but the model has no CLIP text tower")
-        from litelvlm.models.tokenizer import tokenize_questions
-
         device = self.text_tower.device
         input_ids, attention_mask, text_mask = tokenize_questions(
             self.clip_tokenizer, texts, max_length=self.config.text.max_length

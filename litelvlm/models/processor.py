@@ -6,10 +6,12 @@ It runs in the data loader's workers, so the model's forward only does model wor
 from __future__ import annotations
 
 import random
+from typing import Protocol
 
+import numpy as np
 import torch
+from PIL import Image
 
-from litelvlm.data.samples import ReferringSample
 from litelvlm.errors import DataError
 from litelvlm.models.batch import IGNORE_INDEX, GroundingBatch
 from litelvlm.models.config import LVLMConfig
@@ -23,6 +25,20 @@ from litelvlm.models.prompts import (
     build_lisa_training_prompt,
 )
 from litelvlm.models.tokenizer import IMAGE_TOKEN_INDEX, special_token_ids, tokenize_prompt
+
+
+class ReferringSample(Protocol):
+    """What the processor reads of a sample: the fields of `litelvlm.data.samples.ReferringSample`.
+
+    A protocol, so that the models layer never imports the data layer that feeds it.
+    """
+
+    index: int
+    image_id: str
+    image: Image.Image  # RGB
+    sentences: list[str]
+    sentence_ids: list[str]
+    masks: np.ndarray  # bool [T, H, W]
 
 
 def prompt_labels(tokenizer, prompt: GroundingPrompt, input_ids: list[int]) -> list[int]:
