@@ -7,7 +7,10 @@ give a model whose outputs equal the reference's, with the architecture read fro
 import json
 import logging
 import shutil
+import sys
 from dataclasses import replace
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from fixtures_checkpoints import (
     write_weights,
 )
 
+from litelvlm.cli import main as cli_main
 from litelvlm.models import from_pretrained, load_assets, load_lvlm
 from litelvlm.models.checkpoint import CheckpointError
 from litelvlm.pruners import LiteLVLM, NoPruning
@@ -267,3 +271,46 @@ def test_vision_tower_keys_in_the_checkpoint_override_the_clip_checkpoint(lisa, 
     assert torch.equal(model.vision_tower.vision_model.post_layernorm.weight, own)
     from_clip = lisa.reference.vision_tower.vision_model.pre_layrnorm.weight
     assert torch.equal(model.vision_tower.vision_model.pre_layrnorm.weight, from_clip)
+
+
+# ----------------------------------------------------------------------------------- damaged shards
+def truncated_copy(fixture, tmp_path, name: str) -> tuple[Path, int]:
+    """The fixture's checkpoint folder with the shard `name` cut to half its size; returns (folder, full size)."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(fixture.folder, folder)
+    shard = folder / name
+    size = shard.stat().st_size
+    with shard.open("r+b") as handle:
+        handle.truncate(size // 2)
+    return folder, size
+
+
+def test_a_truncated_safetensors_shard_is_named_with_its_sizes(lisa, tmp_path):
+    name = "model-00002-of-00002.safetensors"
+    folder, size = truncated_copy(lisa, tmp_path, name)
+    with pytest.raises(CheckpointError) as error:
+        from_pretrained(folder, dtype="float32")
+    assert str(error.value) == (
+        f"weight file {folder / name} is truncated: {size // 2} bytes, its header describes {size}; fetch it again"
+    )
+
+
+def test_a_truncated_bin_shard_is_named(glamm, tmp_path):
+    name = "pytorch_model-00002-of-00003.bin"
+    folder, _ = truncated_copy(glamm, tmp_path, name)
+    with pytest.raises(CheckpointError, match=rf"^weight file {folder / name} is damaged or incomplete \(.+\); fetch"):
+        from_pretrained(folder, dtype="float32")
+
+
+def test_the_cli_names_a_truncated_shard_in_one_line_and_exits_2(lisa, tmp_path, capsys):
+    name = "model-00002-of-00002.safetensors"
+    folder, size = truncated_copy(lisa, tmp_path, name)
+    args = ["validate", "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"), "--model.checkpoint", str(folder),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]  # fmt: skip
+    with mock.patch.object(sys, "argv", ["litelvlm.cli"]), pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in stderr, stderr
+    named = [line for line in stderr.splitlines() if str(folder / name) in line]
+    assert named == [f"litelvlm: error: weight file {folder / name} is truncated: {size // 2} bytes, "
+                     f"its header describes {size}; fetch it again"], stderr  # fmt: skip

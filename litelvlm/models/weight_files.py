@@ -7,7 +7,9 @@ that is `key_plan.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +71,48 @@ def resolve_folder(
 
 
 # ---------------------------------------------------------------- weight files
+# What reading a damaged file raises: safetensors' own error; torch.load's RuntimeError (a zip
+# without its central directory), EOFError or UnpicklingError (a legacy pickle cut short).
+READ_ERRORS = (safetensors.SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError)
+
+
+@contextlib.contextmanager
+def named_if_damaged(path: Path, fmt: str) -> Iterator[None]:
+    """A weight file that cannot be read: one line naming it and what is wrong with it, not a
+    library traceback that names no file (a 7B checkpoint has several shards to choose from)."""
+    try:
+        yield
+    except READ_ERRORS as error:
+        problem = safetensors_damage(path) if fmt == "safetensors" else None
+        if problem is None:
+            said = str(error).split(". ")[0].strip() or type(error).__name__
+            problem = f"is damaged or incomplete ({said})"
+        raise CheckpointError(f"weight file {path} {problem}; fetch it again") from error
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """What is wrong with a safetensors file, from its size and its header: an 8-byte little-endian
+    header length, a JSON header giving each tensor's byte range, then the data. None if it looks whole."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"is {size} bytes, too short to hold a safetensors header"
+    with path.open("rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if 8 + header_length > size:
+            return f"is truncated: {size} bytes, shorter than its {header_length}-byte header"
+        try:
+            header = json.loads(handle.read(header_length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return "has a damaged header"
+    expected = 8 + header_length + int(end)
+    if size < expected:
+        return f"is truncated: {size} bytes, its header describes {expected}"
+    if size > expected:
+        return f"is {size} bytes, {size - expected} more than its header describes"
+    return None
+
+
 @dataclass
 class WeightFiles:
     """The weight files of a checkpoint, in one format, and which key lives in which file."""
@@ -87,6 +131,10 @@ class WeightFiles:
         return shapes
 
     def _meta(self, path: Path) -> dict[str, Tensor]:
+        with named_if_damaged(path, self.format):
+            return self._read_meta(path)
+
+    def _read_meta(self, path: Path) -> dict[str, Tensor]:
         if self.format == "safetensors":
             dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
             with safetensors.safe_open(str(path), framework="pt") as handle:
@@ -99,6 +147,10 @@ class WeightFiles:
 
     def read(self, path: Path) -> Iterator[tuple[str, Tensor]]:
         """The tensors of one file, one at a time (safetensors lazily, `.bin` memory-mapped when possible)."""
+        with named_if_damaged(path, self.format):
+            yield from self._read(path)
+
+    def _read(self, path: Path) -> Iterator[tuple[str, Tensor]]:
         if self.format == "safetensors":
             with safetensors.safe_open(str(path), framework="pt") as handle:
                 for key in handle.keys():
