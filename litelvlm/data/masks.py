@@ -1,7 +1,8 @@
 """COCO segmentations (polygons or RLE) to boolean masks, through pycocotools.
 
 pycocotools is the reference rasteriser (the one COCO, RefCOCO and the GLaMM/LISA evaluations use),
-so ground truth here matches theirs pixel for pixel. Its pixel (x, y) covers [x, x+1) x [y, y+1).
+so ground truth here matches theirs pixel for pixel (overlapping parts aside, see `polygons_to_mask`).
+Its pixel (x, y) covers [x, x+1) x [y, y+1).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def polygons_to_mask(polygons: Sequence, height: int, width: int) -> np.ndarray:
     """Rasterise one flat polygon or a list of polygons (their union) to a bool [height, width] mask.
 
     Overlapping parts count once: the references sum the parts' masks, so that an overlap holds 2
-    and drops out of their metric; here it is object (docs/datasets.md, "Ground-truth masks").
+    and drops out of their metric; here it is object (docs/datasets.md, "Images and ground-truth masks").
     """
     polygon_list = _as_polygon_list(polygons, height, width)
     rles = coco_mask.frPyObjects(polygon_list, height, width)
