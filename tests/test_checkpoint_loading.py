@@ -298,8 +298,13 @@ def test_a_truncated_safetensors_shard_is_named_with_its_sizes(lisa, tmp_path):
 def test_a_truncated_bin_shard_is_named(glamm, tmp_path):
     name = "pytorch_model-00002-of-00003.bin"
     folder, _ = truncated_copy(glamm, tmp_path, name)
-    with pytest.raises(CheckpointError, match=rf"^weight file {folder / name} is damaged or incomplete \(.+\); fetch"):
+    size = (folder / name).stat().st_size
+    with pytest.raises(CheckpointError) as error:
         from_pretrained(folder, dtype="float32")
+    assert str(error.value) == (
+        f"weight file {folder / name} is truncated or damaged: a {size}-byte zip archive without its end "
+        "(the central directory); fetch it again"
+    )
 
 
 def test_the_cli_names_a_truncated_shard_in_one_line_and_exits_2(lisa, tmp_path, capsys):

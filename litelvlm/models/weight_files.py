@@ -11,6 +11,7 @@ import contextlib
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +84,26 @@ def named_if_damaged(path: Path, fmt: str) -> Iterator[None]:
     try:
         yield
     except READ_ERRORS as error:
-        problem = safetensors_damage(path) if fmt == "safetensors" else None
-        if problem is None:
+        problem = safetensors_damage(path) if fmt == "safetensors" else zip_damage(path)
+        if problem is None:  # not a damage we can tell: the library's own first sentence
             said = str(error).split(". ")[0].strip() or type(error).__name__
+            if isinstance(error, OSError):  # permissions and the like: fetching again would not help
+                raise CheckpointError(f"weight file {path} cannot be read ({said})") from error
             problem = f"is damaged or incomplete ({said})"
         raise CheckpointError(f"weight file {path} {problem}; fetch it again") from error
+
+
+def zip_damage(path: Path) -> str | None:
+    """What is wrong with a `.bin` file (a zip archive since torch 1.6, legacy pickles aside) that
+    torch.load refused, if its size or zip structure tells; None otherwise."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with path.open("rb") as handle:
+        is_zip = handle.read(2) == b"PK"
+    if is_zip and not zipfile.is_zipfile(path):
+        return f"is truncated or damaged: a {size}-byte zip archive without its end (the central directory)"
+    return None
 
 
 def safetensors_damage(path: Path) -> str | None:
