@@ -35,8 +35,9 @@ from litelvlm.pruners.litelvlm import text_similarity
 from litelvlm.pruners.registry import build_pruner
 
 # Each rule of docs/studies.md ("Similarity reversal") and the registered pruner that implements
-# it. With one sentence (T = 1) `similarity-only` keeps exactly the R lowest-similarity patches and `reversed-similarity` exactly
-# the R highest (its per-sentence budget R // 1 = R fills the whole budget, no context top-up).
+# it. With one sentence (T = 1) `similarity-only` keeps exactly the R lowest-similarity patches and
+# `reversed-similarity` exactly the R highest (its per-sentence budget R // 1 = R fills the whole
+# budget, no context top-up).
 RULE_PRUNERS = {
     "lowest-similarity": "similarity-only",
     "highest-similarity": "reversed-similarity",
