@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from litelvlm.engine.records import read_manifest, read_records
+from litelvlm.engine.records import has_records, read_manifest, read_records
+from litelvlm.engine.runs import resolve_run
 from litelvlm.engine.scores import IOU_FIXED_POINT, fixed_point_iou, iou_from_scores
 from litelvlm.errors import LitelvlmError
 
@@ -292,7 +293,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each holding records/)")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="run folders (each holding records/), or their parent: its latest complete run"
+    )
     parser.add_argument("--baseline", help="configuration every other one is compared with, e.g. none")
     parser.add_argument("--labels", nargs="+", help="one label per run, prefixed to its configurations (label:name)")
     parser.add_argument("--paired-run", help="compare each configuration with the same configuration of this labelled run")
@@ -304,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.paired_run is not None and (args.labels is None or args.baseline is not None):
             raise CompareError("--paired-run needs --labels (to name the runs) and excludes --baseline")
+        args.runs = [resolve_run(run, has_records, "records") for run in args.runs]  # a parent: its latest run
         table, knobs = load_runs(args.runs, args.labels)
         baseline = args.baseline
         if args.paired_run is not None:
