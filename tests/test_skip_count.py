@@ -70,3 +70,5 @@ def test_each_undecodable_image_is_one_skipped_entry_under_ddp(tmp_path):
     done = run_in_session(command, tmp_path, 240)
     assert done.returncode == 0, done.stderr[-4000:]
     assert_one_entry_per_bad_image(skipped_entries(save_dir), bad)
+    # the metrics are summed over processes before they are logged: no hint that they need sync_dist
+    assert "sync_dist" not in done.stderr and "Tip:" not in done.stdout + done.stderr, done.stderr[-4000:]
