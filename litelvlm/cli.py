@@ -9,21 +9,29 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from jsonargparse import set_loader
 from lightning.pytorch.cli import LightningCLI
 
+from litelvlm.console import quiet_console
 from litelvlm.data.datamodule import ReferringDataModule
-from litelvlm.engine.callbacks import EvaluationReport, SampleRecords
+from litelvlm.engine.callbacks import EvaluationReport, RunStatus, SampleRecords
+from litelvlm.engine.callbacks.records import EVALUATION_STAGES, earlier_records
 from litelvlm.engine.module import ReferringSegmentationModule
-from litelvlm.engine.records import MANIFEST_FILE, records_folder
+from litelvlm.engine.records import MANIFEST_FILE, has_records, records_folder
+from litelvlm.engine.runs import resolve_run
 from litelvlm.errors import LitelvlmError
 from litelvlm.pruners import PrunerError, resolve_pruner_class
 
 PARSER_MODE = "litelvlm_yaml"
 PRUNER_KEYS = {"pruner", "pruners"}
 NULLS = {"null", "Null", "NULL", "None"}  # YAML/jsonargparse spellings of no value
+RESUME_HELP = (
+    "RUN_DIR: evaluate only what the run folder's records lack, then report the whole run (a parent "
+    "such as runs/sweep_demo takes its latest run with records)"
+)
 
 
 def _pruner_class_path(name: str) -> str:
@@ -100,8 +108,8 @@ def _expand_resume_flag(args: list[str]) -> list[str]:
             out.append(arg)
     if run_dir is None:
         return out
-    run = Path(run_dir).expanduser()
-    if not (records_folder(run) / MANIFEST_FILE).is_file():
+    run = resolve_run(run_dir, has_records, "records", complete=False, flag="--resume")  # killed runs too
+    if not has_records(run):
         raise LitelvlmError(f"--resume {run_dir}: no run to resume there (no records/{MANIFEST_FILE})")
     if records_folder(run) == run:  # given the records folder itself
         run = run.parent
@@ -110,6 +118,42 @@ def _expand_resume_flag(args: list[str]) -> list[str]:
         raise LitelvlmError(f"--resume {run_dir}: a run folder named by digits alone is ambiguous to the logger")
     logger = "--trainer.logger.init_args."
     return out + [f"{logger}save_dir", str(run.parent), f"{logger}name", "", f"{logger}version", version]
+
+
+def _check_config_files(args: list[str]) -> None:
+    """Each `--config FILE` exists and is YAML, else one line naming the file (and the line of a syntax
+    error), before the parser prints its usage or reports the error inside a string of YAML."""
+    for index, arg in enumerate(args):
+        flag, has_equals, value = arg.partition("=")
+        if flag not in ("--config", "-c"):
+            continue
+        if not has_equals:
+            if index + 1 >= len(args):
+                continue
+            value = args[index + 1]
+        if "\n" in value or value.lstrip().startswith("{"):  # YAML given inline, not a file
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise LitelvlmError(f"config file {value} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        try:
+            yaml.compose(path.read_text())  # syntax only: what the values mean is the parser's to check
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark or error.context_mark
+            where = f"{value}, line {mark.line + 1}, column {mark.column + 1}" if mark else value
+            context = f" ({error.context} at line {error.context_mark.line + 1})" if error.context and error.context_mark else ""
+            raise LitelvlmError(f"config file {where}: YAML syntax error: {error.problem}{context}") from None
+        except yaml.YAMLError as error:
+            raise LitelvlmError(f"config file {value}: not YAML ({error})") from None
+
+
+def _without_version(get_metrics):
+    """The progress bar's items minus the logger's version (`v_num: 0.000`): the run prints its folder."""
+
+    def items(trainer, pl_module):
+        return {key: value for key, value in get_metrics(trainer, pl_module).items() if key != "v_num"}
+
+    return items
 
 
 def _is_name(value: str) -> bool:
@@ -136,9 +180,43 @@ class LitelvlmCLI(LightningCLI):
         # The data pipeline tokenises and resizes for the model it feeds: one name sets both.
         parser.link_arguments("model.checkpoint", "data.checkpoint")
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in EVALUATION_STAGES:  # read by `_expand_resume_flag` before parsing; listed for --help
+            parser.add_argument("--resume", type=Optional[str], default=None, help=RESUME_HELP)
+        return parser
 
-def main(args: list[str] | None = None) -> LitelvlmCLI | None:
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        bar = getattr(self.trainer, "progress_bar_callback", None)
+        if bar is not None:
+            bar.get_metrics = _without_version(bar.get_metrics)
+
+    def before_fit(self) -> None:
+        self._check_inputs("fit")
+
+    def before_validate(self) -> None:
+        self._check_inputs("validate")
+
+    def before_test(self) -> None:
+        self._check_inputs("test")
+
+    def _check_inputs(self, stage: str) -> None:
+        """Open the data and check a re-used run folder before the logger makes or touches a run folder,
+        so bad input leaves no `version_N` behind and a refused resume writes nothing into that run."""
+        if self.config.get(self.subcommand, {}).get("resume") is not None:  # only `_expand_resume_flag` reads it
+            raise LitelvlmError("resume: give it on the command line (--resume RUN_DIR), not in a config file")
+        self.datamodule.setup(stage)
+        logger = self.trainer.logger
+        if stage in EVALUATION_STAGES and logger is not None and getattr(logger, "_version", None) is not None:
+            if not getattr(self.model, "encoders_only", False):  # a named version may hold earlier records
+                earlier_records(Path(logger.log_dir), stage, self.model, self.datamodule)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LitelvlmCLI | None:
     try:
+        quiet_console()
+        _check_config_files(sys.argv[1:] if args is None else args)
         if args is None:  # from the command line: LightningCLI reads sys.argv itself
             sys.argv[1:] = _expand_resume_flag(_expand_pruner_flag(sys.argv[1:]))
         else:
@@ -146,10 +224,11 @@ def main(args: list[str] | None = None) -> LitelvlmCLI | None:
         return LitelvlmCLI(
             ReferringSegmentationModule,
             ReferringDataModule,
-            trainer_defaults={"callbacks": [SampleRecords(), EvaluationReport()]},
+            trainer_defaults={"callbacks": [SampleRecords(), EvaluationReport(), RunStatus()]},
             parser_kwargs={"parser_mode": PARSER_MODE},
             save_config_kwargs={"overwrite": True},
             args=args,
+            run=run,
         )
     except Exception as err:
         known = _known_error(err)

@@ -16,8 +16,8 @@ training-free` compares every configuration with the SAME configuration of that 
 `litelvlm@64` with the training-free `litelvlm@64`, and so on per budget).
 
 Writes compare.md (the table, also printed), compare.csv (fractions, not percent) and
-ciou_vs_tokens.png (cIoU against retained visual tokens, one line per method, one panel per
-split) into --out (default: the first run folder).
+ciou_vs_tokens.png (cIoU and gIoU against retained visual tokens, one line per method with its
+points dodged, a row of two panels per split) into --out (default: the first run folder).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from litelvlm.engine.records import read_manifest, read_records
+from litelvlm.engine.records import has_records, read_manifest, read_records
+from litelvlm.engine.runs import resolve_run
 from litelvlm.engine.scores import IOU_FIXED_POINT, fixed_point_iou, iou_from_scores
 from litelvlm.errors import LitelvlmError
 
@@ -261,38 +262,82 @@ def write_csv(results: list[dict], path: Path) -> None:
         writer.writerows(results)
 
 
-def plot(results: list[dict], path: Path) -> None:
-    """cIoU (with its interval) against retained tokens, one line per method, one panel per split."""
+DODGE_WIDTH = 0.8  # log2 units shared by the methods at one budget; neighbouring budgets (64, 192) are 1.58 apart
+METRICS = (("ciou", "cIoU (%)"), ("giou", "gIoU (%)"))
+
+
+def dodge_factors(methods: Sequence[str], width: float = DODGE_WIDTH) -> dict[str, float]:
+    """Per method, the factor its x positions are multiplied by (on the log2 token axis), so the
+    methods of one budget sit side by side in a fixed order instead of hiding each other's intervals."""
+    offsets = np.linspace(-width / 2, width / 2, len(methods)) if len(methods) > 1 else [0.0]
+    return {method: float(2.0**offset) for method, offset in zip(methods, offsets)}
+
+
+def draw(results: list[dict]):
+    """The figure: per split a row of two panels, cIoU and gIoU (with intervals) against retained tokens.
+
+    One colour and marker per method (up to 20 told apart), points dodged per method; a method run
+    unpruned only (no budget) is a dashed line with its interval as a band across the panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     splits = list(dict.fromkeys(row["split"] for row in results))
-    figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
-    for axis, split in zip(axes[0], splits):
+    methods = list(dict.fromkeys(row["method"] for row in results))
+    references = [m for m in methods if all(r["num_tokens"] is None for r in results if r["method"] == m)]
+    dodge = dodge_factors([method for method in methods if method not in references])
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
+    style = {method: (colours[index % len(colours)], "osD^v<>ph*"[index % 10]) for index, method in enumerate(methods)}
+    budgets = sorted({row["retained_tokens"] for row in results if row["method"] not in references})
+    figure, axes = plt.subplots(len(splits), 2, figsize=(13, 4.2 * len(splits)), squeeze=False)
+    for axes_row, split in zip(axes, splits):
         rows = [row for row in results if row["split"] == split]
-        for method in dict.fromkeys(row["method"] for row in rows):
-            points = sorted((row for row in rows if row["method"] == method), key=lambda row: row["retained_tokens"])
-            x = [row["retained_tokens"] for row in points]
-            y = np.array([100 * row["ciou"] for row in points])
-            error = np.array([[100 * (row["ciou"] - row["ciou_low"]) for row in points], [100 * (row["ciou_high"] - row["ciou"]) for row in points]])
-            lines = axis.errorbar(x, y, yerr=np.clip(error, 0, None), marker="o", capsize=3, label=method)
-            if len(points) == 1 and points[0]["num_tokens"] is None:  # the unpruned reference, across the plot
-                axis.axhline(y[0], linestyle="--", linewidth=1, color=lines[0].get_color())
-        axis.set_title(split)
-        axis.set_xlabel("retained visual tokens")
-        axis.set_ylabel("cIoU (%)")
-        axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize="small")
+        for axis, (key, label) in zip(axes_row, METRICS):
+            for method in methods:
+                points = sorted((row for row in rows if row["method"] == method), key=lambda row: row["retained_tokens"])
+                if not points:
+                    continue
+                colour, marker = style[method]
+                y = np.array([100 * row[key] for row in points])
+                low, high = np.array([100 * row[f"{key}_low"] for row in points]), np.array([100 * row[f"{key}_high"] for row in points])
+                if method in references:
+                    axis.axhline(y[0], linestyle="--", linewidth=1, color=colour, label=method)
+                    axis.axhspan(low[0], high[0], color=colour, alpha=0.12, linewidth=0)
+                    continue
+                x = [row["retained_tokens"] * dodge[method] for row in points]
+                error = np.clip(np.stack([y - low, high - y]), 0, None)
+                axis.errorbar(x, y, yerr=error, marker=marker, markersize=4, capsize=2, linewidth=1, color=colour, label=method)
+            axis.set_xscale("log", base=2)
+            axis.xaxis.set_major_locator(FixedLocator(budgets))
+            axis.xaxis.set_minor_locator(NullLocator())
+            axis.set_xticklabels([f"{budget:g}" for budget in budgets])
+            axis.set_title(f"{split}: {label.split()[0]}")
+            axis.set_xlabel("retained visual tokens (points dodged per method)")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Write `draw(results)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = draw(results)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each holding records/)")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="run folders (each holding records/), or their parent: its latest complete run"
+    )
     parser.add_argument("--baseline", help="configuration every other one is compared with, e.g. none")
     parser.add_argument("--labels", nargs="+", help="one label per run, prefixed to its configurations (label:name)")
     parser.add_argument("--paired-run", help="compare each configuration with the same configuration of this labelled run")
@@ -304,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.paired_run is not None and (args.labels is None or args.baseline is not None):
             raise CompareError("--paired-run needs --labels (to name the runs) and excludes --baseline")
+        args.runs = [resolve_run(run, has_records, "records") for run in args.runs]  # a parent: its latest run
         table, knobs = load_runs(args.runs, args.labels)
         baseline = args.baseline
         if args.paired_run is not None:

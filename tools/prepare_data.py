@@ -1,10 +1,12 @@
 """Check a data folder against the original RefCOCO-family layout; optionally convert it to parquet.
 
     python tools/prepare_data.py ROOT [--dataset refcoco --dataset refcocog ...] [--split val ...]
-                                      [--to-parquet OUT [--skip-unrepresentable]]
+                                      [--verify] [--to-parquet OUT [--skip-unrepresentable]]
 
 Prints every missing piece with its expected path and where to get it; exit code 0 when all the
-requested data sets and splits are complete, 1 otherwise. `--to-parquet OUT` writes
+requested data sets and splits are complete, 1 otherwise. Without `--verify` it checks that files
+exist (and says so); `--verify` also decodes every image and draws every mask, with a progress bar,
+and lists each unreadable file in one line. `--to-parquet OUT` writes
 OUT/<dataset>/data/<split>-00000-of-00001.parquet in the lmms-lab/RefCOCO schema, which
 `ReferringImageDataset` (and `datasets`) read. docs/datasets.md explains the layouts.
 """
@@ -34,8 +36,10 @@ from litelvlm.data.refcoco_original import (
     read_refs,
     refs_file_names,
 )
-from litelvlm.data.refcoco_parquet import image_id_from_file_name
+from litelvlm.data.masks import MalformedSegmentationError, ref_mask
+from litelvlm.data.refcoco_parquet import CorruptImageError, image_id_from_file_name
 from litelvlm.data.samples import ReferringRef
+from litelvlm.errors import DataError
 from litelvlm.data.synthetic import PARQUET_SCHEMA, QUESTION
 
 STANDARD_DATASETS = ("refcoco", "refcoco+", "refcocog")  # the benchmark; grefcoco on request
@@ -175,11 +179,71 @@ def format_report(report: LayoutReport) -> str:
         )
     lines += [f"  note: {note}" for note in report.notes]
     if report.complete:
-        lines.append("complete: nothing is missing")
+        lines.append("complete: nothing is missing (checked that the files exist; --verify decodes every image and mask)")
         return "\n".join(lines)
     lines.append(f"MISSING ({len(report.missing)}):")
     for finding in report.missing:
         lines += [f"  - {finding.what}", f"      at:  {finding.path}", f"      get: {finding.fix}"]
+    return "\n".join(lines)
+
+
+# --- --verify: decode what exists -------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    images: int = 0  # distinct image files decoded
+    masks: int = 0  # ref targets drawn
+    bad: dict[str, str] = field(default_factory=dict)  # file (or annotation) -> what is wrong with it
+
+
+def verify_files(root: str | Path, splits: list[SplitSummary], progress: bool = True) -> VerifyReport:
+    """Decode every image and draw every ref's mask of the checked splits, as an evaluation would.
+
+    An image that several splits share is decoded once; each bad file is reported once.
+    """
+    from tqdm import tqdm
+
+    report, sizes = VerifyReport(), {}  # image path -> (height, width) once decoded
+    sources = []
+    for summary in splits:
+        try:
+            sources.append(OriginalReferringDataset(root, summary.dataset, summary.split, max_sentences=None, on_error="skip"))
+        except (DataError, FileNotFoundError) as error:
+            report.bad[f"{summary.dataset} {summary.split}"] = str(error)
+    total = sum(len(source.records) for source in sources)
+    with tqdm(total=total, desc="decoding images and masks", unit="image", disable=not progress, file=sys.stderr) as bar:
+        for source in sources:
+            for item in source.skipped:  # annotations that cannot become a sample
+                report.bad.setdefault(f"{source.instances_file} (ref {item.ref_id}, image {item.image_id})", item.reason)
+            for record in source.records:
+                bar.update()
+                path = source.image_path(record)
+                if str(path) in report.bad:
+                    continue
+                if path not in sizes:
+                    try:
+                        image = source.load_image(record)
+                    except (FileNotFoundError, CorruptImageError) as error:
+                        report.bad[str(path)] = str(error)
+                        continue
+                    sizes[path] = (image.height, image.width)
+                    report.images += 1
+                for ref in record.refs:
+                    try:
+                        ref_mask(ref.segmentations, *sizes[path])
+                        report.masks += 1
+                    except (MalformedSegmentationError, ValueError) as error:
+                        key = f"{source.instances_file} (ref {ref.ref_id}, image {record.image_id})"
+                        report.bad.setdefault(key, str(error))
+    return report
+
+
+def format_verify_report(report: VerifyReport) -> str:
+    if not report.bad:
+        return f"verified: {report.images} images and {report.masks} masks decode"
+    lines = [f"UNREADABLE ({len(report.bad)}), one per line:"]
+    lines += [f"  - {where}: {reason}" for where, reason in report.bad.items()]
     return "\n".join(lines)
 
 
@@ -288,12 +352,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --to-parquet: leave out (and list) refs the schema cannot hold",
     )
+    parser.add_argument("--verify", action="store_true", help="also decode every image and mask (slow: reads every file)")
     args = parser.parse_args(argv)
     datasets = tuple(args.dataset or STANDARD_DATASETS)
     report = check_layout(args.root, datasets, args.split)
     print(format_report(report))
     if not report.complete:
         return 1
+    if args.verify:
+        verified = verify_files(args.root, report.splits)
+        print(format_verify_report(verified))
+        if verified.bad:
+            return 1
     if args.to_parquet:
         for summary in report.splits:
             result = convert_to_parquet(

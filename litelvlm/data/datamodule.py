@@ -242,7 +242,9 @@ class ReferringDataModule(L.LightningDataModule):
         """Samples of a split left out in skip mode while indexing; load-time skips reach the module in batches."""
         if self.datasets is None:
             return []
-        return [item.as_dict() for item in self.all_samples[split_index].skipped]
+        # Load-time skips also land in `skipped` when the loader runs in this process (no workers);
+        # they reach the module in their batches, so counting them here too would count them twice.
+        return [item.as_dict() for item in self.all_samples[split_index].skipped if item.stage == "index"]
 
     @property
     def skipped(self) -> list[dict]:

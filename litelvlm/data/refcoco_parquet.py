@@ -22,10 +22,14 @@ Rows are grouped into images (the GLaMM protocol pools every sentence of every r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from PIL import Image, UnidentifiedImageError
 
@@ -89,9 +93,12 @@ def load_refcoco_rows(source: str | Path, split: str = "val", cache_dir: str | N
         if not path.exists():
             raise FileNotFoundError(f"data folder {path} does not exist")
         files = [path] if path.is_file() else split_files(path, split)
-        rows = datasets.load_dataset(
-            "parquet", data_files=[str(file) for file in files], split="train", cache_dir=cache_dir
-        )
+        for file in files:
+            check_parquet_file(file)
+        with _quiet_progress(datasets):
+            rows = datasets.load_dataset(
+                "parquet", data_files=[str(file) for file in files], split="train", cache_dir=cache_dir
+            )
     missing = [column for column in REQUIRED_COLUMNS if column not in rows.column_names]
     if missing:
         raise DataError(
@@ -99,6 +106,27 @@ def load_refcoco_rows(source: str | Path, split: str = "val", cache_dir: str | N
             f"it has {rows.column_names}"
         )
     return rows.cast_column("image", datasets.Image(decode=False))
+
+
+def check_parquet_file(file: Path) -> None:
+    """A file that is not whole parquet (truncated by an interrupted download, say), named in one line."""
+    try:
+        pq.read_metadata(file)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{file} is not a readable parquet file ({error}); download it again") from None
+
+
+@contextlib.contextmanager
+def _quiet_progress(datasets):
+    """No "Generating train split" bar: `datasets` names every parquet split "train", which reads as
+    the wrong split while val is evaluated, and indexing a local file is quick anyway."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def image_id_from_file_name(file_name: str) -> str:

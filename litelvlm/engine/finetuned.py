@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from litelvlm.engine.finetuning import FineTuning, FineTuningError, freeze, prepare_for_training
+from litelvlm.engine.runs import resolve_run
 
 WEIGHTS_FILE = "finetuned.safetensors"
 MANIFEST_FILE = "finetuned.json"
@@ -138,8 +139,8 @@ def write_export(folder: Path, tensors: dict[str, torch.Tensor], settings: FineT
 
 
 def resolve_export(path: str | Path) -> Path:
-    """`model.finetuned` names the weights file or the run folder holding it."""
-    path = Path(path).expanduser()
+    """`model.finetuned` names the weights file, the run folder holding it, or that folder's parent."""
+    path = resolve_run(path, lambda run: (run / WEIGHTS_FILE).is_file(), WEIGHTS_FILE, flag="model.finetuned")
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise FineTuningError(f"model.finetuned: no {WEIGHTS_FILE} at {path} (give the file or the fit's run folder)")

@@ -58,6 +58,11 @@ def records_folder(run: str | Path) -> Path:
     return run if (run / MANIFEST_FILE).is_file() or run.name == RECORDS_DIR else run / RECORDS_DIR
 
 
+def has_records(run: str | Path) -> bool:
+    """A run folder (or records folder) that holds a records manifest."""
+    return (records_folder(run) / MANIFEST_FILE).is_file()
+
+
 # ------------------------------------------------------------------------------------ writing
 def batch_table(evaluated) -> pa.Table:
     """The rows of one `EvaluatedBatch`: every mask under every configuration."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pyarrow as pa
+import torch
 
 from litelvlm.engine.module import EvaluatedBatch
 from litelvlm.engine.sweep import pruner_knobs
@@ -48,25 +50,18 @@ class SampleRecords(L.Callback):
         self.run_dir: Path | None = None
         self.resumed_samples: dict[str, set[int]] = {}
         self._to_restore = None
+        self.resuming, self.evaluated_now = False, 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage not in EVALUATION_STAGES or getattr(pl_module, "encoders_only", False):
             return
         datamodule = trainer.datamodule
-        _require(datamodule, "ReferringDataModule", ("fingerprint", "skip_recorded", "split_names"))
-        _require(pl_module, "ReferringSegmentationModule", ("configuration_names", "pruners", "model_identity", "restore_scores"))
         # `trainer.log_dir` broadcasts under DDP: every rank asks.
         self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         folder = records_folder(self.run_dir)
-        manifest = build_manifest(stage, pl_module.model_identity, _configurations(pl_module), datamodule.fingerprint())
         # Every rank reads what earlier attempts left before any rank writes (the barrier below).
-        recorded = read_manifest(self.run_dir)
-        if recorded is None and part_files(folder):
-            raise RecordsError(f"{folder} holds records but no {MANIFEST_FILE}: cannot tell what they belong to")
-        table = None
-        if recorded is not None:
-            check_manifest(recorded, manifest, self.run_dir)
-            table = read_records(self.run_dir)
+        manifest, table = earlier_records(self.run_dir, stage, pl_module, datamodule)
+        self.resuming, self.evaluated_now = table is not None, 0
         attempt = next_attempt(folder)
         trainer.strategy.barrier("litelvlm-records-read")
         if trainer.is_global_zero:
@@ -96,6 +91,23 @@ class SampleRecords(L.Callback):
     def _write(self, outputs) -> None:
         if self.writer is not None and isinstance(outputs, EvaluatedBatch):
             self.writer.write(batch_table(outputs))
+            self.evaluated_now += len(outputs.sample_ids)
+
+    def _report_resume(self, trainer: L.Trainer) -> None:
+        """What a resumed run reused and what it ran: every rank joins the sum, rank zero prints."""
+        if self.writer is None or not self.resuming:
+            return
+        evaluated = int(trainer.strategy.reduce(torch.tensor(self.evaluated_now), reduce_op="sum"))
+        reused = sum(len(ids) for ids in self.resumed_samples.values())
+        if trainer.is_global_zero:
+            print(f"resumed {self.run_dir}: {reused} samples from its earlier records, {evaluated} evaluated now")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._report_resume(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report_resume(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._write(outputs)
@@ -105,6 +117,25 @@ class SampleRecords(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.writer, self._to_restore = None, None
+
+
+def earlier_records(run_dir: Path, stage: str, pl_module, datamodule) -> tuple[dict, pa.Table | None]:
+    """This evaluation's manifest, and the records an earlier attempt left in `run_dir` (None: a new run).
+
+    Records of another evaluation are refused. The CLI asks before the run starts, so a refused run
+    folder gets nothing written into it.
+    """
+    _require(datamodule, "ReferringDataModule", ("fingerprint", "skip_recorded", "split_names"))
+    _require(pl_module, "ReferringSegmentationModule", ("configuration_names", "pruners", "model_identity", "restore_scores"))
+    manifest = build_manifest(stage, pl_module.model_identity, _configurations(pl_module), datamodule.fingerprint())
+    folder = records_folder(run_dir)
+    recorded = read_manifest(run_dir)
+    if recorded is None and part_files(folder):
+        raise RecordsError(f"{folder} holds records but no {MANIFEST_FILE}: cannot tell what they belong to")
+    if recorded is None:
+        return manifest, None
+    check_manifest(recorded, manifest, run_dir)
+    return manifest, read_records(run_dir)
 
 
 def _require(owner, kind: str, names: tuple[str, ...]) -> None:
