@@ -12,9 +12,8 @@ item i - offset of the set it falls in, so one pass of the sampler sees every im
 
 from __future__ import annotations
 
-import random
-
 import bisect
+import random
 from dataclasses import replace
 
 from torch.utils.data import Dataset
@@ -67,7 +66,7 @@ class TrainingDataset(Dataset):
         protocols = {part.protocol for part in self.parts}
         if len(protocols) != 1:
             raise DataError(f"the training splits were opened with different protocols {sorted(protocols)}")
-        self.samples = self.parts[0]
+        self.samples = self.parts[0]  # the (first) split, for callers that know there is one
         self.offsets = [0]
         for part in self.parts:
             self.offsets.append(self.offsets[-1] + len(part))
