@@ -24,7 +24,7 @@ from test_data_original import REFCOCO_REFS, write_original_layout
 
 from litelvlm.cli import main
 from litelvlm.data.sources import open_referring_dataset
-from litelvlm.engine.finetuned import MANIFEST_FILE, WEIGHTS_FILE
+from litelvlm.engine.finetuned import BEST_STEM, MANIFEST_FILE, WEIGHTS_FILE
 from litelvlm.engine.finetuning import FineTuning
 from litelvlm.engine.records import read_manifest, read_records
 from litelvlm.engine.sweep import collect_pruners, configuration_names
@@ -32,8 +32,10 @@ from litelvlm.pruners import build_pruner
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "finetune_vs_training_free"
-FIT_PRUNED = EXPERIMENT / "finetune_litelvlm_64.yaml"
-FIT_UNPRUNED = EXPERIMENT / "finetune_unpruned.yaml"
+FIT_BASE = EXPERIMENT / "finetune.yaml"  # the recipe, unpruned; every pruned fit is an overlay on it
+OVERLAYS = {f"{strategy}_{budget}": EXPERIMENT / f"finetune_{strategy}_{budget}.yaml"
+            for strategy in ("litelvlm", "fastv", "vispruner") for budget in (192, 64)}  # fmt: skip
+FIT_PRUNED = OVERLAYS["litelvlm_64"]
 EVALUATE = EXPERIMENT / "evaluate.yaml"
 BENCHMARK_SPLITS = [
     "refcoco/val", "refcoco/testA", "refcoco/testB",
@@ -51,12 +53,14 @@ def run_cli(args: list[str]):
         return main(args)
 
 
-def parsed_config(subcommand: str, path: Path) -> dict:
-    """The config as the CLI resolves it (defaults filled in, types checked), without building the model."""
+def parsed_config(subcommand: str, *paths: Path) -> dict:
+    """The configs as the CLI resolves them (later ones override, defaults filled in, types checked),
+    without building the model."""
     stdout = io.StringIO()
+    configs = [argument for path in paths for argument in ("--config", str(path))]
     with mock.patch.object(sys, "argv", ["litelvlm.cli"]), contextlib.redirect_stdout(stdout):
         with pytest.raises(SystemExit) as exited:
-            main([subcommand, "--config", str(path), "--print_config"])
+            main([subcommand, *configs, "--print_config"])
     assert exited.value.code in (0, None), stdout.getvalue()
     return yaml.safe_load(stdout.getvalue())
 
@@ -64,41 +68,58 @@ def parsed_config(subcommand: str, path: Path) -> dict:
 # ------------------------------------------------------------------------------------ the configs
 @pytest.fixture(scope="module")
 def configs() -> dict[str, dict]:
-    return {"pruned": parsed_config("fit", FIT_PRUNED), "unpruned": parsed_config("fit", FIT_UNPRUNED),
+    fits = {name: parsed_config("fit", FIT_BASE, path) for name, path in OVERLAYS.items()}
+    return {"unpruned": parsed_config("fit", FIT_BASE), **fits, "pruned": fits["litelvlm_64"],
             "evaluate": parsed_config("validate", EVALUATE)}  # fmt: skip
 
 
 def test_every_yaml_of_the_experiment_is_one_the_tests_parse():
-    assert sorted(EXPERIMENT.glob("*.yaml")) == sorted([FIT_PRUNED, FIT_UNPRUNED, EVALUATE])  # no config left untested
+    expected = [FIT_BASE, *OVERLAYS.values(), EVALUATE]
+    assert sorted(EXPERIMENT.glob("*.yaml")) == sorted(expected)  # no config left untested
     for path in EXPERIMENT.glob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()), dict), path.name
 
 
-@pytest.mark.parametrize(("name", "path", "pruned"), [("pruned", FIT_PRUNED, True), ("unpruned", FIT_UNPRUNED, False)])
-def test_fit_configs_hold_glamms_recipe(configs, name, path, pruned):
+@pytest.mark.parametrize("name", ["unpruned", *OVERLAYS])
+def test_fit_configs_hold_glamms_recipe(configs, name):
+    """scripts/finetune_glamm_refsegm.sh + train_ft.py's defaults, as docs/finetuning.md lists them."""
     config = configs[name]
     settings = FineTuning.from_dict(config["model"]["finetuning"])  # validates every field
     assert (settings.lr, settings.betas, settings.weight_decay, settings.warmup_steps) == (3e-4, (0.9, 0.95), 0.0, 100)
     assert (settings.lora_r, settings.lora_alpha, settings.lora_dropout) == (8, 16, 0.05)
     assert settings.lora_targets == ["q_proj", "v_proj"]
     assert settings.trainable_modules == ["mask_decoder", "text_hidden_fcs", "lm_head", "embed_tokens"]
-    assert settings.prune_during_training is pruned
-    trainer = config["trainer"]
-    assert (trainer["precision"], trainer["accumulate_grad_batches"], trainer["gradient_clip_val"]) == ("bf16-mixed", 10, 1.0)
-    assert (config["data"]["batch_size"], config["data"]["train_split"], config["data"]["dataset"]) == (2, "train", "refcoco")
+    assert settings.activation_checkpointing is True  # --gradient_checkpointing (default True)
+    assert settings.prune_during_training is (name != "unpruned")
+    assert config["model"]["checkpoint"] == "MBZUAI/GLaMM-GranD-Pretrained"
+    trainer, data = config["trainer"], config["data"]
+    assert (trainer["precision"], trainer["max_epochs"], trainer["gradient_clip_val"]) == ("bf16-mixed", 5, 1.0)
+    # 2 per GPU x 10 accumulated x 8 GPUs; with fewer devices the accumulation grows to keep 160
+    assert (data["batch_size"], trainer["devices"], settings.effective_batch_size) == (2, 8, 160)
+    assert trainer["accumulate_grad_batches"] == 1  # derived at fit time: 160 / (2 x 8) = 10
+    assert data["train_splits"] == ["refcoco/train", "refcoco+/train", "refcocog/train"]
+    assert (data["splits"], data["fit_val_images"], trainer["check_val_every_n_epoch"]) == (["refcocog/val"], 1000, 1)
+    monitored = [c["init_args"] for c in trainer["callbacks"] if c["init_args"].get("monitor")]
+    assert [(c["monitor"], c["mode"]) for c in monitored] == [("val/giou", "max")]
+    assert any(c["init_args"].get("save_last") for c in trainer["callbacks"])
     pruner = config["model"]["pruner"]
-    built = build_pruner(pruner["class_path"], **pruner["init_args"])
-    assert (type(built).__name__, built.num_tokens) == ("LiteLVLM", 64)
-    assert trainer["logger"]["init_args"]["name"] == f"experiments/finetune_vs_training_free/{path.stem}"
+    if name == "unpruned":
+        assert pruner is None
+    else:
+        built = build_pruner(pruner["class_path"], **pruner["init_args"])
+        assert configuration_names([built]) == [name.replace("_", "@")]
+    assert trainer["logger"]["init_args"]["name"] == f"experiments/finetune_vs_training_free/finetune_{name}"
 
 
-def test_the_two_fits_differ_only_in_pruning_during_training_and_their_log_name(configs):
+@pytest.mark.parametrize("name", list(OVERLAYS))
+def test_each_pruned_fit_differs_from_the_unpruned_only_in_its_pruner_and_log_name(configs, name):
     def without_differences(config: dict) -> dict:
         config = json.loads(json.dumps(config))
         del config["model"]["finetuning"]["prune_during_training"], config["trainer"]["logger"]["init_args"]["name"]
+        del config["model"]["pruner"]
         return config
 
-    assert without_differences(configs["pruned"]) == without_differences(configs["unpruned"])
+    assert without_differences(configs[name]) == without_differences(configs["unpruned"])
 
 
 def test_evaluate_config_scores_the_fitted_budget_on_the_standard_splits_as_the_fit_ran(configs):
@@ -106,14 +127,18 @@ def test_evaluate_config_scores_the_fitted_budget_on_the_standard_splits_as_the_
     assert evaluate["data"]["splits"] == BENCHMARK_SPLITS
     assert evaluate["seed_everything"] == fit["seed_everything"] and isinstance(evaluate["data"]["seed"], int)
     assert evaluate["data"]["protocol"] == fit["data"]["protocol"]
-    for key in ("checkpoint", "dtype", "seg_prompt_position", "seed"):
+    for key in ("dtype", "seg_prompt_position", "seed"):
         assert evaluate["model"][key] == fit["model"][key], key
+    # training-free: the released RefSeg model; the fine-tuned runs add their base (GranD) and export
+    assert (evaluate["model"]["checkpoint"], fit["model"]["checkpoint"]) == (
+        "MBZUAI/GLaMM-RefSeg", "MBZUAI/GLaMM-GranD-Pretrained"
+    )
     model = evaluate["model"]
     pruners = [build_pruner(item["class_path"], **item.get("init_args", {})) for item in model["pruners"]]
     names = configuration_names(collect_pruners(None, pruners, model["sweep"]))
     fitted = build_pruner(fit["model"]["pruner"]["class_path"], **fit["model"]["pruner"]["init_args"])
     assert "none" in names and configuration_names([fitted]) == ["litelvlm@64"]
-    assert {"litelvlm@64", "vispruner@64"} <= set(names)  # the fitted budget, with both strategies
+    assert {name.replace("_", "@") for name in OVERLAYS} <= set(names)  # every fitted configuration
     assert model["finetuned"] is None  # the training-free run; step 3 adds --model.finetuned
 
 
@@ -128,7 +153,10 @@ def short_fit(steps: int = FIT_STEPS) -> list[str]:
     return [
         "--trainer.precision", "32-true", "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1",
         "--trainer.accumulate_grad_batches", "1", "--trainer.log_every_n_steps", "1",
-        "--model.finetuning.warmup_steps", "1",
+        "--model.finetuning.warmup_steps", "1", "--model.finetuning.effective_batch_size", "null",
+        "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.limit_val_batches", "1",
+        "--trainer.check_val_every_n_epoch", str(steps),  # one step per epoch: validate once, at the end
+        "--data.train_splits", '["refcoco/train"]', "--data.splits", '["refcoco/val"]',  # the sets the fixture has
     ]  # fmt: skip
 
 
@@ -151,12 +179,13 @@ def experiment(tmp_path_factory, compare_tool):
         "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
     ]  # fmt: skip
-    fit = run_cli(["fit", "--config", str(FIT_PRUNED), *common, *short_fit()])
+    fit = run_cli(["fit", "--config", str(FIT_BASE), "--config", str(FIT_PRUNED), *common, *short_fit()])
     fit_dir = Path(fit.trainer.log_dir)
     evaluate = ["validate", "--config", str(EVALUATE), *common, "--data.splits", json.dumps(EVAL_SPLITS),
                 "--trainer.limit_val_batches", "1", *SMALL_SWEEP]  # fmt: skip
     free = run_cli(evaluate)
-    tuned = run_cli([*evaluate, "--model.finetuned", str(fit_dir), "--trainer.logger.init_args.name", TUNED_NAME])
+    best = fit_dir / f"{BEST_STEM}.safetensors"  # the README evaluates the best-gIoU checkpoint
+    tuned = run_cli([*evaluate, "--model.finetuned", str(best), "--trainer.logger.init_args.name", TUNED_NAME])
     free_dir, tuned_dir = Path(free.trainer.log_dir), Path(tuned.trainer.log_dir)
     out = tmp / "compare"
     argv = [str(free_dir), str(tuned_dir), "--labels", *LABELS, "--paired-run", "training-free"]
@@ -218,9 +247,9 @@ def test_both_evaluations_scored_the_same_masks(experiment):
 
 
 def test_only_the_finetuned_runs_identity_carries_the_exports_sha256(experiment):
-    weights = experiment["fit_dir"] / WEIGHTS_FILE
+    weights = experiment["fit_dir"] / f"{BEST_STEM}.safetensors"  # what step 3 evaluated
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert json.loads((experiment["fit_dir"] / MANIFEST_FILE).read_text())["sha256"] == digest
+    assert json.loads((experiment["fit_dir"] / f"{BEST_STEM}.json").read_text())["sha256"] == digest
     free = read_manifest(experiment["free_dir"])["model"]
     tuned = read_manifest(experiment["tuned_dir"])["model"]
     assert tuned["finetuned"] == digest and "finetuned" not in free
@@ -251,5 +280,5 @@ def test_the_llm_sees_the_fitted_budget_in_every_training_step(experiment):
 
 
 def test_the_unpruned_fit_trains_on_all_576_visual_tokens(experiment):
-    fit = run_cli(["fit", "--config", str(FIT_UNPRUNED), *experiment["common"], *short_fit(steps=2)])
+    fit = run_cli(["fit", "--config", str(FIT_BASE), *experiment["common"], *short_fit(steps=2)])
     assert visual_tokens_per_step(Path(fit.trainer.log_dir)) == [576.0] * 2

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from litelvlm.cli import main
 from litelvlm.data.datamodule import ReferringDataModule
-from litelvlm.engine.finetuned import CHECKPOINT_KEY, MANIFEST_FILE, WEIGHTS_FILE, file_digest
+from litelvlm.engine.finetuned import BEST_STEM, CHECKPOINT_KEY, MANIFEST_FILE, WEIGHTS_FILE, file_digest
 from litelvlm.engine.finetuning import FineTuning, FineTuningError
 from litelvlm.engine.module import ReferringSegmentationModule
 from litelvlm.errors import LitelvlmError
@@ -117,6 +117,16 @@ def test_the_export_holds_exactly_the_trained_tensors_and_what_they_belong_to(fi
         assert torch.equal(tensors[name], value), name
     assert manifest["base"]["checkpoint"] == "tiny-glamm"
     assert FineTuning.from_dict(manifest["finetuning"]) == cli.model.finetuning
+
+
+def test_the_demo_fit_validates_and_exports_its_best_checkpoint_beside_the_last(fitted):
+    cli, run_dir = fitted  # the demo config, validated once (after its last epoch): the best is the last
+    best = load_file(str(run_dir / f"{BEST_STEM}.safetensors"))
+    origin = json.loads((run_dir / f"{BEST_STEM}.json").read_text())["origin"]
+    assert (origin["monitor"], origin["epoch"]) == ("val/giou", 1)
+    assert origin["score"] == json.loads((run_dir / "results.json").read_text())["giou"]
+    for name, value in trained_tensors(cli.model).items():
+        assert torch.equal(best[name], value), name
 
 
 def test_the_export_loaded_onto_a_fresh_base_reproduces_the_fitted_models_masks(fitted, val_batch):

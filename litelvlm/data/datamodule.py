@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from litelvlm.errors import DataError
 from litelvlm.data.records import check_protocol
@@ -78,6 +79,11 @@ class ReferringDataModule(L.LightningDataModule):
             run's results list every skipped sample (in training, the next sample takes its place).
         train_split: the split `fit` trains on, `split` or `dataset/split` (original layout: the
             refs' `train` split; parquet: that split's files; the demo set has one).
+        train_splits: several training splits concatenated (GLaMM's fine-tuning: `[refcoco/train,
+            refcoco+/train, refcocog/train]`), every item of every split once per epoch, shuffled
+            together; overrides `train_split`.
+        fit_val_images: validation during `fit` scores only the first N images of each evaluated
+            split (GLaMM's `--mask_validation`: the first 1,000 of refcocog val); None: all.
         max_train_sentences: sentences per training prompt, redrawn every epoch (GLaMM: 3; None:
             all). LISA-format models train on one sentence per prompt.
     """
@@ -98,12 +104,18 @@ class ReferringDataModule(L.LightningDataModule):
         on_error: str = "raise",
         train_split: str = "train",
         max_train_sentences: int | None = 3,
+        train_splits: list[str] | None = None,
+        fit_val_images: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if max_train_sentences is not None and max_train_sentences < 1:
             raise DataError(f"max_train_sentences must be >= 1 or None (all sentences), got {max_train_sentences}")
+        if fit_val_images is not None and (isinstance(fit_val_images, bool) or fit_val_images < 1):
+            raise DataError(f"fit_val_images must be >= 1 or None (all), got {fit_val_images}")
+        if train_splits is not None and len(set(train_splits)) != len(train_splits):
+            raise DataError(f"train_splits lists a split twice: {train_splits}")
         check_protocol(protocol)
         self.data_dir = data_dir
         self.dataset_name = dataset
@@ -118,6 +130,8 @@ class ReferringDataModule(L.LightningDataModule):
         self.max_sentences = max_sentences
         self.seed = seed
         self.train_split = train_split
+        self.train_splits = list(train_splits) if train_splits else [train_split]
+        self.fit_val_images = fit_val_images
         self.max_train_sentences = max_train_sentences
         self.datasets: list[Dataset] | None = None
         self.samples = None
@@ -133,11 +147,14 @@ class ReferringDataModule(L.LightningDataModule):
         dataset, _, split = name.rpartition("/") if self.splits else (self.dataset_name, "", self.split)
         return self._open_split(dataset, split, self.max_sentences, self.protocol)
 
-    def _open_train(self):
-        """The training split, one item per image for GLaMM-format models, per sentence for LISA's."""
-        dataset, _, split = self.train_split.rpartition("/")
+    def _open_train(self) -> list:
+        """The training splits, one item per image for GLaMM-format models, per sentence for LISA's."""
         protocol = "per-sentence" if self.processor.config.protocol == "lisa" else "glamm"
-        return self._open_split(dataset, split, self.max_train_sentences, protocol)
+        parts = []
+        for name in self.train_splits:
+            dataset, _, split = name.rpartition("/")
+            parts.append(self._open_split(dataset, split, self.max_train_sentences, protocol))
+        return parts
 
     def _open_split(self, dataset: str | None, split: str, max_sentences: int | None, protocol: str):
         source = self.data_dir if self.data_dir is not None else ensure_demo_data()
@@ -177,7 +194,14 @@ class ReferringDataModule(L.LightningDataModule):
     def _loaders(self) -> DataLoader | list[DataLoader]:
         if self.datasets is None:
             self.setup()
-        loaders = [self._loader(dataset, name) for dataset, name in zip(self.datasets, self.split_names)]
+        datasets = self.datasets
+        trainer = getattr(self, "trainer", None)
+        if self.fit_val_images is not None and trainer is not None and trainer.state.fn == "fit":
+            datasets = [
+                Subset(dataset, first_images(samples, self.fit_val_images))
+                for dataset, samples in zip(self.datasets, self.all_samples)
+            ]
+        loaders = [self._loader(dataset, name) for dataset, name in zip(datasets, self.split_names)]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def _loader(self, dataset: Dataset, name: str) -> DataLoader:
@@ -258,6 +282,25 @@ class ReferringDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loaders()
+
+
+def first_images(samples, count: int) -> list[int]:
+    """Item indices of the first `count` images of a split, in GLaMM's order.
+
+    GLaMM's `--mask_validation` keeps `loadImgs(getImgIds(refs of the split))[:1000]`
+    (`dataset/segm_datasets/RefCOCO_Segm_ds.py`), and `getImgIds` returns `list(set(image ids))`
+    (`dataset/utils/refcoco_refer.py`): CPython's set order of the integer COCO ids, rebuilt here
+    from the records (first appearance in the refs file, the order that set was filled in). Image
+    ids that are not numbers (other sources) keep the data set's order.
+    """
+    records = samples.records
+    numbers = [re.search(r"(\d+)$", str(record.image_id)) for record in records]
+    order = list(range(len(records)))
+    if all(numbers):
+        position = {int(number[1]): index for index, number in enumerate(numbers)}
+        order = [position[image_id] for image_id in list(set(int(number[1]) for number in numbers))]
+    kept = set(order[:count])
+    return [index for index, (record_index, _) in enumerate(samples.items) if record_index in kept]
 
 
 def _item_identities(samples) -> list[tuple[str, list[str]]]:

@@ -5,7 +5,9 @@ Two forms, one content (tensor names are parameter names relative to PixelGround
   the module's `lvlm.` prefix), and `CHECKPOINT_KEY` holds the base model and fine-tuning settings.
 - The export written at the end of a fit: `finetuned.safetensors` (trained tensors) and
   `finetuned.json` (base model, settings, trained names), loaded onto a freshly built base with
-  `model.finetuned: PATH` for `validate` and sweeps.
+  `model.finetuned: PATH` for `validate` and sweeps. A fit whose ModelCheckpoint monitors a metric
+  also exports the best checkpoint's tensors as `finetuned-best.safetensors` + `finetuned-best.json`
+  (GLaMM keeps its best-gIoU model too: `save_checkpoint` in `train_ft.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from litelvlm.engine.runs import resolve_run
 
 WEIGHTS_FILE = "finetuned.safetensors"
 MANIFEST_FILE = "finetuned.json"
+BEST_STEM = "finetuned-best"  # finetuned-best.safetensors + finetuned-best.json
 EXPORT_FORMAT = 1
 CHECKPOINT_KEY = "litelvlm_finetuning"
 MODULE_PREFIX = "lvlm."  # ReferringSegmentationModule holds the model as `lvlm`
@@ -121,11 +124,20 @@ def check_checkpoint(checkpoint: dict, trained: list[str], settings: FineTuning,
 
 
 # ---------------------------------------------------------------------------- export
-def write_export(folder: Path, tensors: dict[str, torch.Tensor], settings: FineTuning, base: dict) -> Path:
-    """Write `finetuned.safetensors` + `finetuned.json` into `folder`; return the weights file."""
+def write_export(
+    folder: Path,
+    tensors: dict[str, torch.Tensor],
+    settings: FineTuning,
+    base: dict,
+    stem: str = Path(WEIGHTS_FILE).stem,
+    origin: dict | None = None,
+) -> Path:
+    """Write `<stem>.safetensors` + `<stem>.json` into `folder`; return the weights file.
+
+    `origin` says which checkpoint the tensors come from (the best one: its path, epoch and score)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE
+    weights = folder / f"{stem}.safetensors"
     save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(weights))
     manifest = {
         "format": EXPORT_FORMAT,
@@ -134,25 +146,33 @@ def write_export(folder: Path, tensors: dict[str, torch.Tensor], settings: FineT
         "trained": list(tensors),
         "sha256": file_digest(weights),
     }
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if origin is not None:
+        manifest["origin"] = origin
+    manifest_file(weights).write_text(json.dumps(manifest, indent=2) + "\n")
     return weights
 
 
+def manifest_file(weights: Path) -> Path:
+    """`finetuned.json` beside `finetuned.safetensors`, `finetuned-best.json` beside `finetuned-best.safetensors`."""
+    return weights.with_suffix(".json")
+
+
 def resolve_export(path: str | Path) -> Path:
-    """`model.finetuned` names the weights file, the run folder holding it, or that folder's parent."""
+    """`model.finetuned` names a weights file (`finetuned.safetensors`, `finetuned-best.safetensors`),
+    the run folder holding `finetuned.safetensors` (the last weights), or that folder's parent."""
     path = resolve_run(path, lambda run: (run / WEIGHTS_FILE).is_file(), WEIGHTS_FILE, flag="model.finetuned")
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise FineTuningError(f"model.finetuned: no {WEIGHTS_FILE} at {path} (give the file or the fit's run folder)")
-    if not (weights.parent / MANIFEST_FILE).is_file():
-        raise FineTuningError(f"model.finetuned: {weights} has no {MANIFEST_FILE} beside it")
+    if not manifest_file(weights).is_file():
+        raise FineTuningError(f"model.finetuned: {weights} has no {manifest_file(weights).name} beside it")
     return weights
 
 
 def read_manifest(weights: Path) -> dict:
-    manifest = json.loads((weights.parent / MANIFEST_FILE).read_text())
+    manifest = json.loads(manifest_file(weights).read_text())
     if manifest.get("format") != EXPORT_FORMAT:
-        raise FineTuningError(f"{weights.parent / MANIFEST_FILE}: unknown export format {manifest.get('format')!r}")
+        raise FineTuningError(f"{manifest_file(weights)}: unknown export format {manifest.get('format')!r}")
     return manifest
 
 
@@ -203,7 +223,9 @@ def attach(lvlm: nn.Module, finetuning: FineTuning | None, finetuned: str | None
         weights = resolve_export(finetuned)
         manifest = read_manifest(weights)
         if file_digest(weights) != manifest.get("sha256"):  # results name the weights by this digest
-            raise FineTuningError(f"{weights} does not match the sha256 in its {MANIFEST_FILE}: the file was replaced")
+            raise FineTuningError(
+                f"{weights} does not match the sha256 in its {manifest_file(weights).name}: the file was replaced"
+            )
         check_base(manifest["base"], base, str(weights))
         saved = FineTuning.from_dict(manifest["finetuning"])
         if finetuning is not None:
@@ -220,13 +242,43 @@ def attach(lvlm: nn.Module, finetuning: FineTuning | None, finetuned: str | None
 
 
 def export_at_fit_end(trainer, parts: TrainedParts, base: dict) -> Path | None:
-    """Write the trained tensors into the run folder. Every rank calls (the state dict may be sharded)."""
+    """Write the trained tensors into the run folder, and the best checkpoint's beside them.
+
+    Every rank calls (the state dict may be sharded); rank 0 writes.
+    """
     state = trainer.strategy.lightning_module_state_dict()  # full on rank 0 under FSDP's full state dict
     folder = Path(trainer.log_dir or trainer.default_root_dir)
+    best = best_checkpoint(trainer)
     weights = None
     if trainer.is_global_zero:
         tensors = {name: state[MODULE_PREFIX + name] for name in parts.names}
         weights = write_export(folder, tensors, parts.settings, base)
         print(f"fine-tuned weights written to {weights} (evaluate them: --model.finetuned {folder})")
+        if best is not None:
+            written = export_best(trainer, best, folder, parts, base)
+            print(f"best checkpoint's weights ({best.monitor} {float(best.best_model_score):.4f}) written to {written}")
     trainer.strategy.barrier("litelvlm-finetuned-export")
     return weights
+
+
+def best_checkpoint(trainer):
+    """The first ModelCheckpoint that monitors a metric and has saved a best checkpoint, else None."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is not None and callback.best_model_path:
+            return callback
+    return None
+
+
+def export_best(trainer, callback, folder: Path, parts: TrainedParts, base: dict) -> Path:
+    """`finetuned-best.safetensors`: the trained tensors of the monitored best checkpoint, checked as on resume."""
+    checkpoint = trainer.strategy.checkpoint_io.load_checkpoint(callback.best_model_path)
+    check_checkpoint(checkpoint, parts.names, parts.settings, base)
+    tensors = {name: checkpoint["state_dict"][MODULE_PREFIX + name] for name in parts.names}
+    origin = {
+        "checkpoint": str(callback.best_model_path),
+        "epoch": checkpoint.get("epoch"),
+        "global_step": checkpoint.get("global_step"),
+        "monitor": callback.monitor,
+        "score": float(callback.best_model_score),
+    }
+    return write_export(folder, tensors, parts.settings, base, stem=BEST_STEM, origin=origin)

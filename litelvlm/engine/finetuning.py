@@ -65,6 +65,9 @@ class FineTuning:
             fit's last step (`trainer.estimated_stepping_batches`).
         loss_weights: weights of cross-entropy, mask BCE and mask DICE.
         activation_checkpointing: recompute each decoder layer in backward (less memory, ~1/3 more time).
+        effective_batch_size: samples per optimiser step over all processes (per-device batch x
+            accumulation x devices); given, the fit derives `accumulate_grad_batches` from the number
+            of devices (GLaMM: 2 x 10 x its GPUs). None: the trainer's accumulation as configured.
         seed: seeds dropout and the training data order per epoch, step and rank, so a resumed fit
             repeats an uninterrupted one.
     """
@@ -81,6 +84,7 @@ class FineTuning:
     warmup_steps: int = 100
     loss_weights: LossWeights = field(default_factory=LossWeights)
     activation_checkpointing: bool = False
+    effective_batch_size: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +113,8 @@ class FineTuning:
             raise FineTuningError(
                 f"finetuning.loss_weights must be LossWeights(ce, bce, dice), got {self.loss_weights!r}"
             )
+        if self.effective_batch_size is not None:
+            _check_int("effective_batch_size", self.effective_batch_size, minimum=1)
         _check_int("seed", self.seed, minimum=0)
 
     def to_dict(self) -> dict:
@@ -298,6 +304,30 @@ def build_optimizer(parameters: list[nn.Parameter], settings: FineTuning, total_
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def gradient_accumulation(effective_batch_size: int | None, batch_size: int, devices: int, configured: int) -> int:
+    """`accumulate_grad_batches` that makes batch_size x accumulation x devices the effective batch.
+
+    None keeps the configured accumulation. A target the per-step batch does not divide, or one that
+    contradicts an accumulation set explicitly (not 1), is an error naming the numbers.
+    """
+    if effective_batch_size is None:
+        return configured
+    per_step = batch_size * devices
+    if effective_batch_size % per_step:
+        raise FineTuningError(
+            f"finetuning.effective_batch_size {effective_batch_size} is not a multiple of data.batch_size "
+            f"{batch_size} x {devices} device(s) = {per_step}: choose a multiple of {per_step}, or another batch "
+            "size or number of devices"
+        )
+    accumulation = effective_batch_size // per_step
+    if configured not in (1, accumulation):
+        raise FineTuningError(
+            f"trainer.accumulate_grad_batches {configured} contradicts finetuning.effective_batch_size "
+            f"{effective_batch_size} (= {batch_size} x {accumulation} x {devices} device(s)): set only one"
+        )
+    return accumulation
 
 
 def seed_from(*numbers: int) -> None:

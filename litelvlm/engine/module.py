@@ -21,6 +21,7 @@ from litelvlm.engine.finetuning import (
     FineTuning,
     build_optimizer,
     check_precision,
+    gradient_accumulation,
     seed_from,
     set_training_modes,
     training_losses,
@@ -194,10 +195,29 @@ class ReferringSegmentationModule(L.LightningModule):
             raise LitelvlmError("fit trains with one pruner: set model.pruner, not model.pruners / model.sweep")
         if stage == "fit":  # the frozen parts are in eval mode on purpose (set_training_modes)
             check_precision(self.hparams.dtype, self.trainer.precision)
+            self._set_gradient_accumulation()
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         names = getattr(getattr(self.trainer, "datamodule", None), "split_names", None) or ["val"]
         self.split_names = list(names)
         self.metrics = self._build_metrics()
+
+    def _set_gradient_accumulation(self) -> None:
+        """The trainer's accumulation from `finetuning.effective_batch_size` and the number of devices."""
+        batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if batch_size is None:
+            if self.finetuning.effective_batch_size is not None:
+                raise LitelvlmError("finetuning.effective_batch_size needs the data module's batch_size to divide it")
+            return
+        trainer = self.trainer
+        trainer.accumulate_grad_batches = gradient_accumulation(
+            self.finetuning.effective_batch_size, batch_size, trainer.world_size, trainer.accumulate_grad_batches
+        )
+        self.effective_batch_size = batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        if trainer.is_global_zero:
+            print(
+                f"effective batch {self.effective_batch_size} = {batch_size} per device x "
+                f"{trainer.accumulate_grad_batches} accumulated x {trainer.world_size} device(s)"
+            )
 
     def _build_metrics(self) -> nn.ModuleList:
         return nn.ModuleList(ExactReferringIoU() for _ in range(len(self.split_names) * len(self.pruners)))
