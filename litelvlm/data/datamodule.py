@@ -15,6 +15,8 @@ from litelvlm.data.sampler import EpochShuffledSampler, UnpaddedDistributedSampl
 from litelvlm.data.sources import open_referring_dataset
 from litelvlm.data.synthetic import ensure_demo_data
 from litelvlm.data.training import TrainingDataset
+from litelvlm.models.loading import load_assets
+from litelvlm.models.processor import GroundingProcessor
 
 
 class ProcessedDataset(Dataset):
@@ -171,9 +173,6 @@ class ReferringDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets is None:
-            from litelvlm.models.loading import load_assets
-            from litelvlm.models.processor import GroundingProcessor
-
             assets = load_assets(self.checkpoint)
             self.processor = GroundingProcessor(assets.config, assets.llm_tokenizer, seed=self.seed)
             self.all_samples = [self._open(name) for name in self.split_names]

@@ -1,10 +1,11 @@
 """Pruning-aware fine-tuning: what is trained, with which optimiser, and one training step.
 
-The recipe of GLaMM's fine-tuning script (docs/models.md): LoRA (r 8, alpha 16, dropout 0.05) on the
-LLM's q_proj/v_proj; the SAM mask decoder, the [SEG] projection (`text_hidden_fcs`), `lm_head` and
-`embed_tokens` trained in full; everything else frozen and kept in eval mode. The pruner runs in
-every training step (the LLM learns to work from R visual tokens) unless `prune_during_training`
-is off, which gives the unpruned fine-tuning baseline; evaluation always prunes.
+The recipe of GLaMM's fine-tuning script (docs/finetuning.md, "The recipe"): LoRA (r 8, alpha 16,
+dropout 0.05) on the LLM's q_proj/v_proj; the SAM mask decoder, the [SEG] projection
+(`text_hidden_fcs`), `lm_head` and `embed_tokens` trained in full; everything else frozen and kept
+in eval mode. The pruner runs in every training step (the LLM learns to work from R visual tokens)
+unless `prune_during_training` is off, which gives the unpruned fine-tuning baseline; evaluation
+always prunes.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class LossInputError(LitelvlmError):
 
 @dataclass
 class LossWeights:
-    """Weights of the three terms; defaults are the GLaMM/LISA recipe (docs/models.md)."""
+    """Weights of the three terms; defaults are the GLaMM/LISA recipe (docs/finetuning.md, "The recipe")."""
 
     ce: float = 1.0
     bce: float = 2.0
