@@ -20,6 +20,7 @@ SHORT_NAMES = {
     "reversed-similarity": pruners.ReversedSimilarity,
     "fastv": pruners.FastV,
     "vispruner": pruners.VisPruner,
+    "fastervlm": pruners.FasterVLM,
 }
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pruners"
 

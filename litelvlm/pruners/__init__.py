@@ -13,10 +13,12 @@ from litelvlm.pruners.simple import NoPruning, RandomPruner
 from litelvlm.pruners.fastv import FastV
 from litelvlm.pruners.litelvlm import ContextOnly, LiteLVLM, ReversedSimilarity, SimilarityOnly
 from litelvlm.pruners.vispruner import VisPruner
+from litelvlm.pruners.fastervlm import FasterVLM
 
 __all__ = [
     "ContextOnly",
     "FastV",
+    "FasterVLM",
     "LiteLVLM",
     "MissingSignalError",
     "NoPruning",

@@ -1,0 +1,52 @@
+"""The field's pre-LLM baselines (FasterVLM, ...) end to end on the tiny model: what the LLM is fed at
+every budget 1..N, the unpruned masks at R = N, and a CLI validate run by short name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sam_image_cache
+
+from litelvlm.pruners import NoPruning, build_pruner
+
+BASELINES = ["fastervlm"]
+BUDGETS = [1, 64, 192, 575, 576]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_sam(tiny_model):
+    with sam_image_cache(tiny_model):
+        yield
+
+
+@pytest.fixture(scope="module")
+def unpruned(tiny_model, demo_batch):
+    with torch.no_grad():
+        return tiny_model(demo_batch, NoPruning())
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_every_budget_feeds_the_llm_what_select_returns(tiny_model, demo_batch, unpruned, name):
+    pruners = [build_pruner(name, num_tokens=r) for r in BUDGETS]
+    with torch.no_grad():
+        shared = tiny_model.encode(demo_batch, pruners)
+        for pruner, budget in zip(pruners, BUDGETS):
+            signals = shared.signals_by_score_dtype[pruner.score_dtype]
+            expected = pruner.select(signals)
+            output = tiny_model.ground(demo_batch, shared, pruner)
+            assert output.kept_indices.tolist() == expected.tolist()
+            assert output.visual_tokens_per_layer == [budget] * len(tiny_model.llm.model.layers)
+            for row in output.kept_indices.tolist():
+                assert row == sorted(set(row)) and len(row) == budget  # raster order, distinct
+            if budget == tiny_model.num_patches:
+                for got, want in zip(output.mask_logits, unpruned.mask_logits):
+                    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_validate_by_short_name(tmp_path, name):
+    from test_cli import QUICK, run_cli
+
+    results, _ = run_cli(tmp_path, "--model.pruner", name, "--model.pruner.num_tokens", "64", *QUICK)
+    assert (results["pruner"], results["num_tokens"]) == (name, 64)
+    assert 0.0 <= results["ciou"] <= 1.0
