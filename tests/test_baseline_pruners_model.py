@@ -1,4 +1,4 @@
-"""The field's pre-LLM baselines (FasterVLM, ...) end to end on the tiny model: what the LLM is fed at
+"""The field's pre-LLM baselines (FasterVLM, DivPrune, ...) end to end on the tiny model: what the LLM is fed at
 every budget 1..N, the unpruned masks at R = N, and a CLI validate run by short name."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from conftest import sam_image_cache
 
 from litelvlm.pruners import NoPruning, build_pruner
 
-BASELINES = ["fastervlm"]
+BASELINES = ["fastervlm", "divprune"]
 BUDGETS = [1, 64, 192, 575, 576]
 
 

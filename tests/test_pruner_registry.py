@@ -21,6 +21,7 @@ SHORT_NAMES = {
     "fastv": pruners.FastV,
     "vispruner": pruners.VisPruner,
     "fastervlm": pruners.FasterVLM,
+    "divprune": pruners.DivPrune,
 }
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pruners"
 
@@ -99,6 +100,8 @@ CONFIG_CLASSES = {
     "reversed_similarity": pruners.ReversedSimilarity,
     "fastv": pruners.FastV,
     "vispruner": pruners.VisPruner,
+    "fastervlm": pruners.FasterVLM,
+    "divprune": pruners.DivPrune,
 }
 
 
@@ -118,6 +121,7 @@ def test_every_registered_pruner_keeps_exactly_r_distinct_indices():
     signals = VisualSignals(
         patch_features=torch.randn(batch, patches, 4),
         patch_embeds=torch.randn(batch, patches, 3),
+        projected_features=torch.randn(batch, patches, 5),
         text_embeds=torch.randn(batch, 2, 3),
         text_mask=torch.tensor([[True, True], [True, False]]),
         cls_attention=torch.rand(batch, 2, patches),

@@ -46,11 +46,16 @@ def test_declares_only_the_cls_attention_and_is_registered():
     assert (FasterVLM().num_tokens, FasterVLM().score_dtype, FasterVLM.group_names) == (192, "model", ("kept",))
 
 
+@pytest.fixture(scope="module")
+def bf16_model(tiny_model):
+    return copy.deepcopy(tiny_model).to(torch.bfloat16)
+
+
 @pytest.mark.parametrize("score_dtype", ["model", "float32"])
-def test_on_a_bf16_model_the_reference_rule_in_each_score_dtype(tiny_model, demo_batch, score_dtype):
+def test_on_a_bf16_model_the_reference_rule_in_each_score_dtype(bf16_model, demo_batch, score_dtype):
     """`model`: the bf16 CLS attention averaged over heads in bf16 (the reference: fp16 `mean(dim=1)`,
     `topk`); `float32`: the upcast mean. Ranked by a stable sort, kept in raster order."""
-    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    model = bf16_model
     pruner = FasterVLM(num_tokens=48, score_dtype=score_dtype)
     with torch.no_grad():
         signals = model.encode(demo_batch, [pruner], for_grounding=False).signals_by_score_dtype[score_dtype]

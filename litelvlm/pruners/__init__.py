@@ -14,9 +14,11 @@ from litelvlm.pruners.fastv import FastV
 from litelvlm.pruners.litelvlm import ContextOnly, LiteLVLM, ReversedSimilarity, SimilarityOnly
 from litelvlm.pruners.vispruner import VisPruner
 from litelvlm.pruners.fastervlm import FasterVLM
+from litelvlm.pruners.divprune import DivPrune
 
 __all__ = [
     "ContextOnly",
+    "DivPrune",
     "FastV",
     "FasterVLM",
     "LiteLVLM",
