@@ -1,7 +1,9 @@
-"""The field's pre-LLM baselines (FasterVLM, DivPrune, ...) end to end on the tiny model: what the LLM is fed at
+"""The field's pre-LLM baselines (FasterVLM, DivPrune, CDPruner) end to end on the tiny model: what the LLM is fed at
 every budget 1..N, the unpruned masks at R = N, and a CLI validate run by short name."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from conftest import sam_image_cache
 
 from litelvlm.pruners import NoPruning, build_pruner
 
-BASELINES = ["fastervlm", "divprune"]
+BASELINES = ["fastervlm", "divprune", "cdpruner"]
 BUDGETS = [1, 64, 192, 575, 576]
 
 
@@ -31,7 +33,9 @@ def test_every_budget_feeds_the_llm_what_select_returns(tiny_model, demo_batch, 
     with torch.no_grad():
         shared = tiny_model.encode(demo_batch, pruners)
         for pruner, budget in zip(pruners, BUDGETS):
-            signals = shared.signals_by_score_dtype[pruner.score_dtype]
+            signals = copy.copy(shared.signals_by_score_dtype[pruner.score_dtype])
+            if ("question", "eos") in shared.text_embeds:  # what `ground` adds for a pruner that reads text
+                signals.text_embeds, signals.text_mask = shared.text_embeds[("question", "eos")]
             expected = pruner.select(signals)
             output = tiny_model.ground(demo_batch, shared, pruner)
             assert output.kept_indices.tolist() == expected.tolist()

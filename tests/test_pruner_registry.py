@@ -22,6 +22,7 @@ SHORT_NAMES = {
     "vispruner": pruners.VisPruner,
     "fastervlm": pruners.FasterVLM,
     "divprune": pruners.DivPrune,
+    "cdpruner": pruners.CDPruner,
 }
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pruners"
 
@@ -102,6 +103,7 @@ CONFIG_CLASSES = {
     "vispruner": pruners.VisPruner,
     "fastervlm": pruners.FasterVLM,
     "divprune": pruners.DivPrune,
+    "cdpruner": pruners.CDPruner,
 }
 
 

@@ -15,8 +15,10 @@ from litelvlm.pruners.litelvlm import ContextOnly, LiteLVLM, ReversedSimilarity,
 from litelvlm.pruners.vispruner import VisPruner
 from litelvlm.pruners.fastervlm import FasterVLM
 from litelvlm.pruners.divprune import DivPrune
+from litelvlm.pruners.cdpruner import CDPruner
 
 __all__ = [
+    "CDPruner",
     "ContextOnly",
     "DivPrune",
     "FastV",
