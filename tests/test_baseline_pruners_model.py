@@ -54,3 +54,20 @@ def test_validate_by_short_name(tmp_path, name):
     results, _ = run_cli(tmp_path, "--model.pruner", name, "--model.pruner.num_tokens", "64", *QUICK)
     assert (results["pruner"], results["num_tokens"]) == (name, 64)
     assert 0.0 <= results["ciou"] <= 1.0
+
+
+def test_a_sweep_with_the_existing_pruners_equals_separate_runs(tmp_path):
+    """One pass shares the signals (projected features computed once for DivPrune and CDPruner); each
+    configuration's metrics and per-mask records equal its own run's."""
+    from test_sweep import DEMO, SAME_DATA, _single_run_args, record_rows, run_cli
+
+    results, sweep_dir, _ = run_cli(
+        tmp_path / "sweep", "--config", DEMO, "--model.pruner", "null",
+        "--model.sweep.strategies", f"[{', '.join(BASELINES)}, vispruner]", "--model.sweep.budgets", "[64]", *SAME_DATA,
+    )  # fmt: skip
+    assert [row["configuration"] for row in results] == [f"{name}@64" for name in (*BASELINES, "vispruner")]
+    for row in results:
+        name = row["configuration"]
+        single, single_dir, _ = run_cli(tmp_path / name, "--config", DEMO, *_single_run_args(name), *SAME_DATA)
+        assert (single["ciou"], single["giou"], single["num_samples"]) == (row["ciou"], row["giou"], row["num_samples"]), name
+        assert record_rows(single_dir, single["configuration"]) == record_rows(sweep_dir, name), name
