@@ -20,6 +20,9 @@ SHORT_NAMES = {
     "reversed-similarity": pruners.ReversedSimilarity,
     "fastv": pruners.FastV,
     "vispruner": pruners.VisPruner,
+    "fastervlm": pruners.FasterVLM,
+    "divprune": pruners.DivPrune,
+    "cdpruner": pruners.CDPruner,
 }
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pruners"
 
@@ -98,6 +101,9 @@ CONFIG_CLASSES = {
     "reversed_similarity": pruners.ReversedSimilarity,
     "fastv": pruners.FastV,
     "vispruner": pruners.VisPruner,
+    "fastervlm": pruners.FasterVLM,
+    "divprune": pruners.DivPrune,
+    "cdpruner": pruners.CDPruner,
 }
 
 
@@ -117,6 +123,7 @@ def test_every_registered_pruner_keeps_exactly_r_distinct_indices():
     signals = VisualSignals(
         patch_features=torch.randn(batch, patches, 4),
         patch_embeds=torch.randn(batch, patches, 3),
+        projected_features=torch.randn(batch, patches, 5),
         text_embeds=torch.randn(batch, 2, 3),
         text_mask=torch.tensor([[True, True], [True, False]]),
         cls_attention=torch.rand(batch, 2, patches),

@@ -4,8 +4,8 @@
 
 The 7B architecture is built on the `meta` device (shapes only: no weights, no memory) and one
 representative sample, one image with the 3-sentence default prompt, goes through the real forward
-under torch's FlopCounterMode, for no pruning and for FastV (both variants), VisPruner and LiteLVLM
-at 192 and 64 kept tokens. The LLM column is in 10^12 multiply-accumulates of the LLM decoder
+under torch's FlopCounterMode, for no pruning and for FastV (both variants), VisPruner, LiteLVLM, FasterVLM,
+DivPrune and CDPruner at 192 and 64 kept tokens. The LLM column is in 10^12 multiply-accumulates of the LLM decoder
 (the published convention); the other columns are FLOPs (2 per multiply-accumulate) per stage.
 
 The real LLaMA tokenizer is not needed: the prompt is `--text-tokens` ids (126, the length the

@@ -27,7 +27,8 @@ class Strategy:
 
 
 def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[Strategy]:
-    """No pruning, then FastV (both variants), VisPruner and LiteLVLM at every budget."""
+    """No pruning, then FastV (both variants), VisPruner, LiteLVLM and the pre-LLM baselines FasterVLM,
+    DivPrune and CDPruner at every budget."""
     rows = [Strategy("none", baseline_tokens)]
     for budget in budgets:
         rows += [
@@ -35,5 +36,8 @@ def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[S
             Strategy("fastv", budget, "mask"),
             Strategy("vispruner", budget),
             Strategy("litelvlm", budget),
+            Strategy("fastervlm", budget),
+            Strategy("divprune", budget),
+            Strategy("cdpruner", budget),
         ]
     return rows

@@ -39,7 +39,7 @@ from litelvlm.models.batch import IGNORE_INDEX, GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
 from litelvlm.models.tokenizer import tokenize_questions
 from litelvlm.models.vision_signals import cls_attention as _cls_attention
-from litelvlm.models.vision_signals import project_patches, run_vision_layers
+from litelvlm.models.vision_signals import project_patches, project_to_llm, run_vision_layers
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
 
 IMAGE_TOKEN_INDEX = -200
@@ -223,6 +223,10 @@ class PixelGroundingLVLM(nn.Module):
                 signals.patch_features = patch_features
             if Signal.PATCH_EMBEDS in wanted:
                 signals.patch_embeds = project_patches(self.vision_tower, patch_features, score_dtype)
+            if Signal.PROJECTED_FEATURES in wanted:
+                self._require_grounding_parts("the projected_features signal")
+                llm_dtype = self.llm.get_input_embeddings().weight.dtype
+                signals.projected_features = project_to_llm(self.mm_projector, patch_features, llm_dtype, score_dtype)
             views[score_dtype] = signals
         return patch_features, views
 

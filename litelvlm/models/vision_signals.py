@@ -1,4 +1,5 @@
-"""The pruning signals of the CLIP vision tower: one pass over its layers, each signal read where the references read it.
+"""The pruning signals of the CLIP vision tower (and of the projector after it): one pass over its layers, each
+signal read where the references read it.
 
 LLaVA-style models (GLaMM, LISA and the pruning references) index transformers' CLIP outputs with
 `select_layer`: the features are `hidden_states[select_layer]` (L+1 entries: the pre-layer-norm
@@ -122,6 +123,18 @@ def project_patches(vision_tower: nn.Module, patch_features: Tensor, score_dtype
         return projection(norm(patch_features.to(norm.weight.dtype)))
     normed = F.layer_norm(patch_features.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
     return F.linear(normed, projection.weight.float())
+
+
+def project_to_llm(projector: nn.Module, patch_features: Tensor, llm_dtype: torch.dtype, score_dtype: str = "float32") -> Tensor:
+    """The LLM projector on every patch: [B, N, h], the image embeddings the LLM would get unpruned.
+
+    `model`: the projector in its own dtype, cast to the LLM's embedding dtype as the splice does (what
+    DivPrune and CDPruner read, fp16 / fp32 in their references). `float32`: features and weights upcast.
+    """
+    if score_dtype == "model":
+        return projector(patch_features.to(next(projector.parameters()).dtype)).to(llm_dtype)
+    upcast = {name: value.float() for name, value in projector.named_parameters()}
+    return torch.func.functional_call(projector, upcast, (patch_features.float(),))
 
 
 def _projection_modules(layer: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:

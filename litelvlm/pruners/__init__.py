@@ -13,10 +13,16 @@ from litelvlm.pruners.simple import NoPruning, RandomPruner
 from litelvlm.pruners.fastv import FastV
 from litelvlm.pruners.litelvlm import ContextOnly, LiteLVLM, ReversedSimilarity, SimilarityOnly
 from litelvlm.pruners.vispruner import VisPruner
+from litelvlm.pruners.fastervlm import FasterVLM
+from litelvlm.pruners.divprune import DivPrune
+from litelvlm.pruners.cdpruner import CDPruner
 
 __all__ = [
+    "CDPruner",
     "ContextOnly",
+    "DivPrune",
     "FastV",
+    "FasterVLM",
     "LiteLVLM",
     "MissingSignalError",
     "NoPruning",

@@ -30,6 +30,7 @@ class Signal(str, enum.Enum):
 
     PATCH_FEATURES = "patch_features"
     PATCH_EMBEDS = "patch_embeds"
+    PROJECTED_FEATURES = "projected_features"
     TEXT_EMBEDS = "text_embeds"
     CLS_ATTENTION = "cls_attention"
     LAST_QKV = "last_qkv"
@@ -53,6 +54,7 @@ class VisualSignals:
 
     patch_features: Tensor | None = None  # [B, N, D] select-layer patch features, before the projector
     patch_embeds: Tensor | None = None  # [B, N, P] post_layernorm + visual_projection, in `score_dtype`
+    projected_features: Tensor | None = None  # [B, N, h] the LLM projector on every patch, in `score_dtype`
     text_embeds: Tensor | None = None  # [B, T, P] projected CLIP text embeddings of the questions
     cls_attention: Tensor | None = None  # [B, H, N] select-layer CLS attention over the patches, in `score_dtype`
     last_qkv: tuple[Tensor, Tensor, Tensor] | None = None  # each [B, N+1, D], CLS first
@@ -61,7 +63,7 @@ class VisualSignals:
     num_patches: int | None = None  # N, known even when no tensor was asked for
     batch_size: int | None = None
     sample_ids: Tensor | None = None  # [B] stable id of each sample (its data-set index)
-    # The precision the model derived `patch_embeds` and `cls_attention` in (the pruner's `score_dtype`);
+    # The precision the model derived `patch_embeds`, `projected_features` and `cls_attention` in (the pruner's `score_dtype`);
     # the other tensors are as the towers computed them (text embeddings upcast to float32, exactly).
     score_dtype: str = "float32"
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, ScoreDtype, Signal, TokenPruner, VisualSignals
 from litelvlm.pruners.base import top_k_indices
+from litelvlm.pruners.fastervlm import head_mean_cls_attention
 from litelvlm.pruners.registry import register_pruner
 
 MAX_REMOVED_PER_ROUND = 8
@@ -78,10 +79,11 @@ class VisPruner(TokenPruner):
 
     def _select_and_label(self, signals: VisualSignals) -> tuple[Tensor, Tensor]:
         attention, features = signals.require(Signal.CLS_ATTENTION), signals.require(Signal.PATCH_FEATURES)
+        attention = head_mean_cls_attention(attention, self.score_dtype)  # [B, N]
         if self.score_dtype == "float32":
-            attention, features = attention.float().mean(dim=1), F.normalize(features.float(), dim=-1)  # [B, N], [B, N, D]
-        else:  # the reference's ops: the head mean of the model's attention, x / ||x|| (no epsilon)
-            attention, features = attention.mean(dim=1), features / features.norm(dim=-1, keepdim=True)
+            features = F.normalize(features.float(), dim=-1)  # [B, N, D]
+        else:  # the reference's op: x / ||x|| (no epsilon)
+            features = features / features.norm(dim=-1, keepdim=True)
         budget = self.budget(attention.shape[-1])
         num_important = int(budget * self.important_ratio)  # round down, as the reference
 
