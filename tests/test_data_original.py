@@ -293,10 +293,23 @@ def test_an_image_whose_size_disagrees_with_instances_is_refused(refcoco_root):
 
 
 def test_an_annotation_without_segmentation_names_the_ref_and_the_annotation(tmp_path, monkeypatch):
-    monkeypatch.setitem(ANNOTATIONS, 202, dict(ANNOTATIONS[202], segmentation=[]))
+    monkeypatch.setitem(ANNOTATIONS, 202, {k: v for k, v in ANNOTATIONS[202].items() if k != "segmentation"})
     root = write_original_layout(tmp_path)
     with pytest.raises(AnnotationError, match=r"ref 4 of image COCO_train2014_000000000002 .*annotation 202 has no segmentation"):
         all_sentences(root)
+
+
+def test_an_empty_segmentation_list_adds_nothing_to_the_mask_as_in_the_references(tmp_path, monkeypatch):
+    intact = all_sentences(write_original_layout(tmp_path / "intact"))
+    monkeypatch.setitem(ANNOTATIONS, 202, dict(ANNOTATIONS[202], segmentation=[]))
+    emptied = all_sentences(write_original_layout(tmp_path / "emptied"))
+    assert len(emptied) == len(intact)
+    shrunk = 0
+    for before, after in zip(intact, emptied):
+        assert after.masks.shape == before.masks.shape
+        assert not (after.masks & ~before.masks).any()  # nothing is added
+        shrunk += int(after.masks.sum() < before.masks.sum())
+    assert shrunk == 1  # only ref 4 (annotation 202) lost pixels
 
 
 def test_an_empty_sentence_list_names_the_ref(tmp_path):

@@ -12,7 +12,7 @@ The ref's own file_name carries a per-ref suffix ("COCO_train2014_000000388997_4
 image file is the one instances.json names for the image id.
 
 Problems are found in two places. At index time (building the data set, metadata only): an image
-or annotation id that instances.json lacks, an annotation without segmentation, a ref without
+or annotation id that instances.json lacks, an annotation without a segmentation key, a ref without
 sentences, an image file that does not exist. At load time (`__getitem__`): an image that cannot
 be decoded or whose size disagrees with instances.json, a segmentation pycocotools cannot read.
 `on_error="raise"` (default) raises naming the ref, image and file; `on_error="skip"` records a
@@ -210,8 +210,12 @@ class _Indexer:
                 f"{where}: annotation {ann_id} belongs to image {annotation.get('image_id')}, not {raw['image_id']}"
             )
         segmentation = annotation.get("segmentation")
-        if not segmentation:
+        if segmentation is None:
             raise AnnotationError(f"{where}: annotation {ann_id} has no segmentation")
+        if isinstance(segmentation, (list, tuple)) and len(segmentation) == 0:
+            # An empty list adds nothing to the ref's mask, as in LISA's and GLaMM's readers
+            # (`utils/refer_seg_dataset.py`: `len(ann["segmentation"]) == 0` gives an all-zero mask).
+            return []
         return annotation_segmentations(segmentation)
 
     def records(self, refs: Iterable[dict], image_folder: Path) -> list[ReferringImageRecord]:
