@@ -1,6 +1,6 @@
 """The paper's efficiency table MEASURED on a GPU: time and memory of every registered pruner.
 
-    bash experiments/gpu_check.sh [--out PATH] [--budgets 192 64] [--time-limit 420]   # one CUDA GPU
+    bash experiments/gpu_check.sh [--out PATH] [--budgets 192 64] [--time-limit 300]   # one CUDA GPU
     bash experiments/gpu_check.sh --smoke [--out PATH]                                  # CPU, seconds
 
 A random-weight GLaMM-7B (`glamm-7b`: CLIP ViT-L/14-336 with 576 patches, LLaMA-7B, SAM ViT-H) is
@@ -173,15 +173,14 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, help="JSON path (default $OUT/gpu_check.json if OUT is set, else runs/)")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="kept tokens (default 192 64)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights and inputs (default bfloat16; smoke float32)")
-    parser.add_argument("--warmup", type=int, help="untimed forwards per row (default 3; smoke 0)")
-    parser.add_argument("--repeats", type=int, help="timed forwards per row, median reported (default 10; smoke 1)")
+    parser.add_argument("--warmup", type=int, help="untimed forwards per row (default 2; smoke 0)")
+    parser.add_argument("--repeats", type=int, help="timed forwards per row, median reported (default 7; smoke 1)")
     parser.add_argument(
-        "--time-limit", type=float, help="seconds from start after which no forward starts (default 420; smoke 300)"
+        "--time-limit", type=float, default=300.0, help="seconds (build included) after which no forward starts"
     )
     args = parser.parse_args(argv)
-    args.warmup = (0 if args.smoke else 3) if args.warmup is None else args.warmup
-    args.repeats = (1 if args.smoke else 10) if args.repeats is None else args.repeats
-    args.time_limit = (300.0 if args.smoke else 420.0) if args.time_limit is None else args.time_limit
+    args.warmup = (0 if args.smoke else 2) if args.warmup is None else args.warmup
+    args.repeats = (1 if args.smoke else 7) if args.repeats is None else args.repeats
     if args.warmup < 0 or args.repeats < 1 or args.time_limit <= 0:
         parser.error("--warmup must be >= 0, --repeats >= 1 and --time-limit > 0")
     if not args.smoke and not torch.cuda.is_available():
