@@ -115,7 +115,7 @@ def measure(model, batch, strategy: Strategy, device, warmup: int, repeats: int,
     return {
         "status": "ok",
         "error": None,
-        "acts_in_llm": pruner.acts_in_llm,
+        "acts_in_llm": getattr(pruner, "acts_in_llm", None),
         "repetitions": len(runs),
         "prefill_ms": statistics.median(run["llm_prefill"] for run in runs),
         "end_to_end_ms": statistics.median(run[END_TO_END] for run in runs),

@@ -9,10 +9,12 @@ import json
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from litelvlm.engine.strategies import Strategy
 from litelvlm.pruners import list_pruners
 from process_helpers import run_in_session
 
@@ -72,11 +74,12 @@ def test_smoke_rows_run_the_visual_tokens_their_budget_says(smoke):
         counts = row["visual_tokens_per_layer"]
         assert len(counts) == LAYERS and row["kept_visual_tokens"] == counts[-1]
         assert all(later <= earlier for earlier, later in zip(counts, counts[1:]))  # tokens are only ever dropped
-        if not row["acts_in_llm"] and row["label"] != "none":
+        if row["acts_in_llm"] is False and row["label"] != "none":  # a pre-LLM pruner: R tokens in every layer
             assert counts == [row["num_tokens"]] * LAYERS, row["label"]
     for label in {label for label, budget in by_key if budget == 64}:
         # fewer tokens at the smaller budget, and either budget below no pruning
-        assert by_key[label, 64]["mean_visual_tokens_per_layer"] < by_key[label, 192]["mean_visual_tokens_per_layer"] < 576
+        mean_64, mean_192 = (by_key[label, budget]["mean_visual_tokens_per_layer"] for budget in (64, 192))
+        assert mean_64 < mean_192 < 576, label
 
 
 def test_time_limit_stops_measuring_and_still_writes_the_table(tmp_path):
@@ -89,6 +92,18 @@ def test_time_limit_stops_measuring_and_still_writes_the_table(tmp_path):
     assert [row["status"] for row in report["rows"]] == ["skipped"] * len(report["rows"])
     assert len(report["rows"]) == 1 + len(list_pruners())  # none, FastV twice, the others once
     assert (torch.get_num_threads(), signal.getsignal(signal.SIGTERM)) == (threads, handler)  # restored
+
+
+def test_a_method_that_fails_gets_an_error_row_and_the_next_row_is_measured(tiny_model, demo_batch):
+    gpu_check = load("gpu_check")
+    args, cpu, no_limit = SimpleNamespace(warmup=0, repeats=1), torch.device("cpu"), float("inf")
+    too_many = gpu_check.measure_or_error(tiny_model, demo_batch, Strategy("litelvlm", 1000), cpu, args, no_limit)
+    assert (too_many["label"], too_many["num_tokens"], too_many["status"]) == ("litelvlm", 1000, "error")
+    assert too_many["error"] == (
+        "PrunerError: litelvlm: num_tokens=1000 is larger than the 576 visual tokens this model produces"
+    )
+    measured = gpu_check.measure_or_error(tiny_model, demo_batch, Strategy("litelvlm", 64), cpu, args, no_limit)
+    assert measured["status"] == "ok" and measured["visual_tokens_per_layer"] == [64] * len(tiny_model.llm.model.layers)
 
 
 def test_full_size_run_without_cuda_is_one_clear_error(capsys):
