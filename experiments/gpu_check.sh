@@ -13,10 +13,10 @@ python="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    site="${TMPDIR:-/tmp}/litelvlm-gpu-check-site"
-    rm -rf "$site"
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+    site="$(mktemp -d "${TMPDIR:-/tmp}/litelvlm-gpu-check-site.XXXXXX")"
+    trap 'rm -rf "$site"' EXIT
+    PIP_ROOT_USER_ACTION=ignore "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
     export PYTHONPATH="$repo:$site${PYTHONPATH#"$repo"}"
 fi
 "$python" experiments/check_env.py torch transformers lightning
-exec "$python" experiments/gpu_check.py "$@"
+"$python" experiments/gpu_check.py "$@"
