@@ -29,7 +29,8 @@ import pytest
 
 from litelvlm.cli import main
 from litelvlm.data.shard import parse_shard, shard_items
-from litelvlm.engine.records import read_manifest, read_records, write_manifest
+from litelvlm.engine.records import manifest_difference, read_manifest, read_records, write_manifest
+from litelvlm.engine.runs import resume_command
 from litelvlm.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,18 +116,20 @@ def run_two_nodes(config: str, data_dir: Path, save_dir: Path) -> list[subproces
     (save_dir / "rank_reads.py").write_text(COUNT_DECODES)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(save_dir), str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, *cli]
-    first = subprocess.Popen(command, cwd=save_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    second = subprocess.Popen(command, cwd=save_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=first.pid)
+    agents = [
+        subprocess.Popen(command, cwd=save_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for _ in range(2)
+    ]  # each agent and its worker in a session of their own, killed as a group on a hang
     try:
-        outputs = [agent.communicate(timeout=TORCHRUN_TIMEOUT_S) for agent in (first, second)]
+        outputs = [agent.communicate(timeout=TORCHRUN_TIMEOUT_S) for agent in agents]
     except subprocess.TimeoutExpired:
-        os.killpg(first.pid, signal.SIGKILL)  # both agents and their workers
         raise AssertionError(f"two torchrun agents hung for {TORCHRUN_TIMEOUT_S} s") from None
     finally:
-        for agent in (first, second):
+        for agent in agents:
             if agent.poll() is None:
-                agent.kill()
-    return [subprocess.CompletedProcess(command, agent.returncode, out, err) for agent, (out, err) in zip((first, second), outputs)]
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.communicate()
+    return [subprocess.CompletedProcess(command, agent.returncode, out, err) for agent, (out, err) in zip(agents, outputs)]
 
 
 # Each rank counts the images it decodes: every image it scores, and no other.
@@ -278,3 +281,17 @@ def test_parts_are_disjoint_cover_every_item_and_keep_an_image_whole(count):
 def test_more_parts_than_images_is_a_clear_error():
     with pytest.raises(DataError, match="only 2 images, fewer than 3 parts"):
         shard_items(_Indexed([(0, [0]), (1, [0])]), 0, 3, "val")
+
+
+def test_a_part_resumed_as_another_part_is_refused(parts):
+    manifest = read_manifest(parts[0])
+    other = {**manifest, "data": {**manifest["data"], "shard": "1/3"}}
+    assert manifest_difference(manifest, other) == "the data differs (shard '0/3' there, '1/3' here)"
+    assert manifest_difference(manifest, manifest) is None
+
+
+def test_the_resume_command_repeats_the_arguments_with_one_resume():
+    args = ["validate", "--config", "c.yaml", "--resume", "runs/old", "--data.shard", "1/3", "--resume=runs/x"]
+    assert resume_command(args, "runs/a b/version_0") == (
+        "python -m litelvlm.cli validate --config c.yaml --data.shard 1/3 --resume 'runs/a b/version_0'"
+    )
