@@ -11,6 +11,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from litelvlm.engine.runs import COMPLETE, FAILED, INTERRUPTED, RUNNING, resume_command, write_status
 
 
+RESUMABLE_STAGES = ("validate", "test")  # the stages `--resume RUN_DIR` continues from their records
+
+
 class RunStatus(L.Callback):
     """`running` at setup, `complete` after the last hook, `failed` with the error when one stops the run,
     `interrupted` with the resume command when a SIGTERM (a scheduler's notice before its kill) does.
@@ -56,7 +59,8 @@ class RunStatus(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.folder is not None and (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
-            resume = resume_command(self.command, self.folder) if self.command is not None else None
+            resumable = self.command is not None and self.stage in RESUMABLE_STAGES  # a fit resumes from its checkpoints
+            resume = resume_command(self.command, self.folder) if resumable else None
             write_status(self.folder, INTERRUPTED, stage=self.stage, signal="SIGTERM", resume=resume)
             print(f"litelvlm: interrupted by SIGTERM; the records of every finished batch are in {self.folder / 'records'}", file=sys.stderr)
             if resume is not None:
