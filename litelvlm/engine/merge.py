@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from litelvlm.data.shard import parse_shard
@@ -114,9 +115,21 @@ def _results(run: Path) -> list[dict]:
 
 
 def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict]) -> list[dict]:
-    """The first part's rows, their numbers from the merged records, their skipped samples from every part."""
+    """The first part's rows, their numbers from the merged records, their skipped samples from every
+    part. Any other field whose value differs between the parts is a per-part number this merge does
+    not recompute: it is left out (and named on stderr), never copied from one part."""
+    if any(len(part) != len(parts[0]) for part in parts):
+        raise MergeError("the parts' results.json list different numbers of rows; they are not parts of one evaluation")
+    dropped = {
+        key
+        for position, template in enumerate(parts[0])
+        for part in parts
+        for key in set(template) | set(part[position])
+        if part[position].get(key) != template.get(key)
+    } - set(METRIC_FIELDS) - {"skipped"}
     rows = []
     for position, template in enumerate(parts[0]):
+        template = {key: value for key, value in template.items() if key not in dropped}
         key = (template["split"], template["configuration"])
         if key not in metrics:
             raise MergeError(f"split {key[0]}, configuration {key[1]}: no merged record; the parts hold no mask of it")
@@ -125,4 +138,6 @@ def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict]) 
             skipped += [item for item in part[position].get("skipped") or [] if item not in skipped]
         numbers = {field: metrics[key][source] for field, source in METRIC_FIELDS.items()}
         rows.append({**template, **numbers, "skipped": sorted(skipped, key=lambda item: str(item.get("index")))})
+    if dropped:
+        print(f"merge_runs: left out (they differ between the parts and are not recomputed): {', '.join(sorted(dropped))}", file=sys.stderr)
     return rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +23,7 @@ class RunStatus(L.Callback):
     Lightning's own SIGTERM handler sets `trainer.received_sigterm` and its loop raises
     `SIGTERMException` after the batch in progress, except after a loader's last batch; this callback
     raises it there too, so every process stops at its next batch end, its records written (it runs
-    after `SampleRecords`). Only runs with a logger have a run folder; without one nothing is written.
+    after `SampleRecords`); under DDP it lets Lightning's handler run for the first SIGTERM only. Only runs with a logger have a run folder; without one nothing is written.
 
     Args:
         command: the CLI's arguments, for the resume command an interrupted run prints (None: not printed).
@@ -40,6 +42,12 @@ class RunStatus(L.Callback):
         if trainer.is_global_zero:
             self.folder = folder
             write_status(folder, RUNNING, stage=stage)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _handle_sigterm_once(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _handle_sigterm_once(trainer)
 
     def _stop_on_sigterm(self, trainer: L.Trainer) -> None:
         if trainer.received_sigterm:
@@ -69,3 +77,21 @@ class RunStatus(L.Callback):
             error = f"{type(exception).__name__}: {exception}".splitlines()[0] if str(exception) else type(exception).__name__
             write_status(self.folder, FAILED, stage=self.stage, error=error)
         self.folder = None
+
+
+def _handle_sigterm_once(trainer: L.Trainer) -> None:
+    """Let Lightning's SIGTERM handler (installed for this run, restored by Lightning after it) run
+    only for the first SIGTERM. Under DDP it broadcasts from rank 0 inside the handler, once per
+    signal; a rank that gets the signal twice (from the scheduler, and forwarded by Lightning's own
+    launcher) would wait on a second broadcast that rank 0 never sends."""
+    if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler):
+        return
+
+    def first_only(signum, frame) -> None:
+        if not trainer.received_sigterm:
+            handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, first_only)
