@@ -7,6 +7,7 @@ that folder and evaluates only what is not recorded yet.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from typing import Optional
 import yaml
 from jsonargparse import set_loader
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from litelvlm.console import quiet_console
 from litelvlm.data.datamodule import ReferringDataModule
@@ -26,6 +28,7 @@ from litelvlm.errors import LitelvlmError
 from litelvlm.pruners import PrunerError, resolve_pruner_class
 
 PARSER_MODE = "litelvlm_yaml"
+INTERRUPTED_EXIT = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 PRUNER_KEYS = {"pruner", "pruners"}
 NULLS = {"null", "Null", "NULL", "None"}  # YAML/jsonargparse spellings of no value
 RESUME_HELP = (
@@ -216,7 +219,8 @@ class LitelvlmCLI(LightningCLI):
 def main(args: list[str] | None = None, run: bool = True) -> LitelvlmCLI | None:
     try:
         quiet_console()
-        _check_config_files(sys.argv[1:] if args is None else args)
+        given = list(sys.argv[1:] if args is None else args)  # as typed: what an interrupted run's resume line repeats
+        _check_config_files(given)
         if args is None:  # from the command line: LightningCLI reads sys.argv itself
             sys.argv[1:] = _expand_resume_flag(_expand_pruner_flag(sys.argv[1:]))
         else:
@@ -224,12 +228,14 @@ def main(args: list[str] | None = None, run: bool = True) -> LitelvlmCLI | None:
         return LitelvlmCLI(
             ReferringSegmentationModule,
             ReferringDataModule,
-            trainer_defaults={"callbacks": [SampleRecords(), EvaluationReport(), RunStatus()]},
+            trainer_defaults={"callbacks": [SampleRecords(), EvaluationReport(), RunStatus(command=given)]},
             parser_kwargs={"parser_mode": PARSER_MODE},
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
         )
+    except SIGTERMException:  # stopped cleanly (RunStatus printed how to resume); a scheduler must not read success
+        raise SystemExit(INTERRUPTED_EXIT) from None
     except Exception as err:
         known = _known_error(err)
         if known is None:

@@ -1,9 +1,10 @@
 """Per-sample records survive a hard kill, and a resumed run ends exactly where an uninterrupted one does.
 
-A run is killed with SIGKILL (no exception handler, no teardown) after some batches; re-running it
-on the same run folder evaluates only the samples without records and gives bit-identical metrics
-and the same records, none duplicated or lost. The same under 2-process DDP. Records of another
-evaluation in the run folder are refused with one clear line.
+A run is killed with SIGKILL (no exception handler, no teardown) after some batches; resuming it
+evaluates only the samples without records and gives bit-identical metrics and the same records,
+none duplicated or lost, on any number of processes: killed on 1 and resumed on 2, killed on 2 and
+resumed on 1. A SIGTERM stops a run cleanly with a resume command. Records of another evaluation in
+the run folder are refused with one clear line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -130,7 +132,10 @@ def assert_same_as_uninterrupted(run_dir: Path, uninterrupted: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- resume
-def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_numbers(small_split, uninterrupted, tmp_path):
+DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+
+
+def test_a_run_killed_on_one_process_resumes_on_two_to_the_uninterrupted_numbers(small_split, uninterrupted, tmp_path):
     args = evaluation_args(small_split, tmp_path / "logs")
     run_dir = tmp_path / "logs" / "demo" / "run"
     killed = run_killed(args, tmp_path)
@@ -139,29 +144,74 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_numbers(small_spli
     first = samples_by_attempt(run_dir)
     assert list(first) == [0] and 0 < len(first[0]) < NUM_IMAGES  # some batches recorded, not all
 
-    run_in_process(args)  # the same command again, on the same run folder (fixed logger version)
-
+    # The records decide what is missing, whatever the rank layout: 2 processes share the rest.
+    resume = [sys.executable, "-m", "litelvlm.cli", *evaluation_args(small_split, tmp_path / "elsewhere", *DDP)]
+    done = run_group([*resume, "--resume", str(run_dir)], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
     attempts = samples_by_attempt(run_dir)
     assert attempts[1] == set(range(NUM_IMAGES)) - attempts[0]  # only what was missing ran
+    ranks = {int(re.search(r"-r(\d+)-", path.name).group(1)) for path in part_files(run_dir / "records") if "-a001-" in path.name}
+    assert ranks == {0, 1}  # both processes of the resumed run scored some of it
+    assert not (tmp_path / "elsewhere").exists()  # --resume wins over the logger's save_dir
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
-def test_a_two_process_ddp_run_killed_by_sigkill_resumes_under_ddp(small_split, uninterrupted, tmp_path):
-    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
-    args = evaluation_args(small_split, tmp_path / "logs", *ddp)
+def test_a_run_killed_on_two_processes_resumes_on_one_to_the_uninterrupted_numbers(small_split, uninterrupted, tmp_path):
+    args = evaluation_args(small_split, tmp_path / "logs", *DDP)
     run_dir = tmp_path / "logs" / "demo" / "run"
     killed = run_killed(args, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     first = samples_by_attempt(run_dir)
     assert first and 0 < len(first[0]) < NUM_IMAGES
 
-    resume = [sys.executable, "-m", "litelvlm.cli", *evaluation_args(small_split, tmp_path / "elsewhere", *ddp)]
-    resume += ["--resume", str(run_dir)]
-    done = run_group(resume, tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_in_process(evaluation_args(small_split, tmp_path / "elsewhere", "--resume", str(run_dir)))  # one process
     attempts = samples_by_attempt(run_dir)
     assert attempts[1] == set(range(NUM_IMAGES)) - attempts[0]
-    assert not (tmp_path / "elsewhere").exists()  # --resume wins over the logger's save_dir
+    assert_same_as_uninterrupted(run_dir, uninterrupted)
+
+
+TERM_GROUP = """
+import os, signal
+import lightning as L
+
+
+class TermGroup(L.Callback):
+    # SIGTERM every process of the run at once, as srun or scancel signal every task, after rank 0's first batch.
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_rank == 0 and batch_idx == 0:
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+"""
+
+
+def test_sigterm_on_two_processes_stops_cleanly_and_prints_the_command_that_resumes(small_split, uninterrupted, tmp_path):
+    """What a scheduler sends before its kill: every process stops at its batch end with its records
+    written, status.json says `interrupted`, the exit code is not 0, and the printed command (here on
+    one process) finishes the run."""
+    (tmp_path / "term_group.py").write_text(TERM_GROUP)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    args = evaluation_args(small_split, tmp_path / "logs", *DDP)
+    run_dir = tmp_path / "logs" / "demo" / "run"
+    command = [sys.executable, "-m", "litelvlm.cli", args[0], "--trainer.callbacks+=term_group.TermGroup", *args[1:]]
+    done = run_group(command, tmp_path, env)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-4000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["signal"] == "SIGTERM"
+    first = samples_by_attempt(run_dir)
+    assert list(first) == [0] and 0 in first[0] and 2 not in first[0]  # rank 0 stopped after its first image (0 of 0, 2, 4)
+    assert not (run_dir / "results.json").exists()
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("litelvlm: resume with: ")]
+    resume = shlex.split(line.removeprefix("litelvlm: resume with: "))
+    assert resume[:3] == ["python", "-m", "litelvlm.cli"] and resume[-2:] == ["--resume", str(run_dir)]
+    assert status["resume"] == shlex.join(resume)
+
+    one_process = [arg for arg in resume[3:] if arg != "--trainer.callbacks+=term_group.TermGroup"]
+    one_process[one_process.index("--trainer.devices") + 1] = "1"
+    one_process[one_process.index("--trainer.strategy") + 1] = "auto"
+    run_in_process(one_process)
+    assert samples_by_attempt(run_dir)[1] == set(range(NUM_IMAGES)) - first[0]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from litelvlm.errors import DataError
 from litelvlm.data.records import check_protocol
 from litelvlm.data.sampler import EpochShuffledSampler, UnpaddedDistributedSampler
+from litelvlm.data.shard import parse_shard, shard_items
 from litelvlm.data.sources import open_referring_dataset
 from litelvlm.data.synthetic import ensure_demo_data
 from litelvlm.data.training import TrainingDataset
@@ -88,6 +89,8 @@ class ReferringDataModule(L.LightningDataModule):
             split (GLaMM's `--mask_validation`: the first 1,000 of refcocog val); None: all.
         max_train_sentences: sentences per training prompt, redrawn every epoch (GLaMM: 3; None:
             all). LISA-format models train on one sentence per prompt.
+        shard: `i/n` evaluates only the i-th (0-based) of n disjoint parts of each split's images,
+            so n jobs cover a split (`tools/merge_runs.py` joins them; docs/scaling.md); None: all.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class ReferringDataModule(L.LightningDataModule):
         max_train_sentences: int | None = 3,
         train_splits: list[str] | None = None,
         fit_val_images: int | None = None,
+        shard: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -119,6 +123,7 @@ class ReferringDataModule(L.LightningDataModule):
         if train_splits is not None and len(set(train_splits)) != len(train_splits):
             raise DataError(f"train_splits lists a split twice: {train_splits}")
         check_protocol(protocol)
+        self.shard = parse_shard(shard)
         self.data_dir = data_dir
         self.dataset_name = dataset
         self.split = split
@@ -172,6 +177,8 @@ class ReferringDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.shard is not None:
+            raise DataError("data.shard splits an evaluation (validate/test) across jobs; fit trains on every image")
         if self.datasets is None:
             assets = load_assets(self.checkpoint)
             self.processor = GroundingProcessor(assets.config, assets.llm_tokenizer, seed=self.seed)
@@ -195,6 +202,11 @@ class ReferringDataModule(L.LightningDataModule):
             self.setup()
         datasets = self.datasets
         trainer = getattr(self, "trainer", None)
+        if self.shard is not None:
+            datasets = [
+                Subset(dataset, shard_items(samples, *self.shard, name))
+                for dataset, samples, name in zip(datasets, self.all_samples, self.split_names)
+            ]
         if self.fit_val_images is not None and trainer is not None and trainer.state.fn == "fit":
             datasets = [
                 Subset(dataset, first_images(samples, self.fit_val_images))
@@ -249,7 +261,8 @@ class ReferringDataModule(L.LightningDataModule):
         """What this module evaluates, so a resumed run can check it is still the same data.
 
         Per split: its name, number of items and a hash of every item's (sample id, image id,
-        sentence ids); plus the knobs that shape prompts. Cheap: read from the index, no image loaded.
+        sentence ids); plus the knobs that shape prompts, and the part (`shard`) when only one is
+        evaluated. Cheap: read from the index, no image loaded.
         """
         if self.datasets is None:
             self.setup()
@@ -259,7 +272,8 @@ class ReferringDataModule(L.LightningDataModule):
             for index, item in enumerate(_item_identities(samples)):
                 digest.update(json.dumps([index, *item]).encode())
             splits.append({"split": name, "num_items": len(samples), "sha256": digest.hexdigest()})
-        return {"protocol": self.protocol, "max_sentences": self.max_sentences, "seed": self.seed, "splits": splits}
+        shard = {"shard": "/".join(map(str, self.shard))} if self.shard is not None else {}  # absent: the whole split
+        return {"protocol": self.protocol, "max_sentences": self.max_sentences, "seed": self.seed, "splits": splits, **shard}
 
     def skipped_in(self, split_index: int = 0) -> list[dict]:
         """Samples of a split left out in skip mode while indexing; load-time skips reach the module in batches."""

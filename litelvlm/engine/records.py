@@ -210,23 +210,33 @@ def write_manifest(run: str | Path, manifest: dict) -> Path:
 
 def check_manifest(recorded: dict, current: dict, run: str | Path) -> None:
     """Refuse to mix: the run folder's records must come from this very evaluation."""
+    difference = manifest_difference(recorded, current)
+    if difference is not None:
+        raise RecordsError(
+            f"run folder {Path(run)} holds records of a different evaluation: {difference}; "
+            "resume with the original configuration, or start a new run folder"
+        )
+
+
+def manifest_difference(recorded: dict, current: dict) -> str | None:
+    """What differs between two evaluations' manifests, in a few words (`recorded` is "there",
+    `current` "here"); None when they are the same evaluation."""
     recorded, current = _normalised(recorded), _normalised(current)
-    where = f"run folder {Path(run)} holds records of a different evaluation"
-    hint = "resume with the original configuration, or start a new run folder"
     if recorded.get("format") != current["format"]:
-        raise RecordsError(f"{where}: records format {recorded.get('format')!r}, expected {current['format']!r}; {hint}")
+        return f"records format {recorded.get('format')!r}, expected {current['format']!r}"
     if recorded["stage"] != current["stage"]:
-        raise RecordsError(f"{where}: it was a `{recorded['stage']}` run, this is `{current['stage']}`; {hint}")
+        return f"it was a `{recorded['stage']}` run, this is `{current['stage']}`"
     if recorded["model"] != current["model"]:
         differing = sorted(key for key in current["model"] if recorded["model"].get(key) != current["model"][key])
-        raise RecordsError(f"{where}: the model differs in {', '.join(differing)}; {hint}")
+        return f"the model differs in {', '.join(differing)}"
     if recorded["configurations"] != current["configurations"]:
         old = [item["name"] for item in recorded["configurations"]]
         new = [item["name"] for item in current["configurations"]]
         detail = f"[{', '.join(old)}] there, [{', '.join(new)}] here" if old != new else "the same names with different knobs"
-        raise RecordsError(f"{where}: the configurations differ ({detail}); {hint}")
+        return f"the configurations differ ({detail})"
     if recorded["data"] != current["data"]:
-        raise RecordsError(f"{where}: the data differs ({_data_difference(recorded['data'], current['data'])}); {hint}")
+        return f"the data differs ({_data_difference(recorded['data'], current['data'])})"
+    return None
 
 
 def _normalised(manifest: dict) -> dict:
@@ -234,7 +244,7 @@ def _normalised(manifest: dict) -> dict:
 
 
 def _data_difference(old: dict, new: dict) -> str:
-    for key in ("protocol", "max_sentences", "seed"):
+    for key in ("protocol", "max_sentences", "seed", "shard"):
         if old.get(key) != new.get(key):
             return f"{key} {old.get(key)!r} there, {new.get(key)!r} here"
     old_splits, new_splits = old.get("splits", []), new.get("splits", [])

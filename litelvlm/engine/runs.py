@@ -1,8 +1,9 @@
 """Run folders: the status a run leaves in its folder, and a run named by its parent folder.
 
 A logger makes `SAVE_DIR/NAME/version_N/` per run. Every run writes `status.json` there: `running`
-when it starts, `complete` when it ends, `failed` (with the error) when it stops on one; a run that
-was killed stays `running`. Commands that read a run (compare, `--resume`, `model.finetuned`) also
+when it starts, `complete` when it ends, `failed` (with the error) when it stops on one,
+`interrupted` (with the command that resumes it) when a SIGTERM stopped it; a run that was killed
+(SIGKILL) stays `running`. Commands that read a run (compare, `--resume`, `model.finetuned`) also
 accept `SAVE_DIR/NAME` and take its latest version that fits, so a README line never goes stale.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -17,7 +19,7 @@ from typing import Callable
 from litelvlm.errors import LitelvlmError
 
 STATUS_FILE = "status.json"
-COMPLETE, FAILED, RUNNING = "complete", "failed", "running"
+COMPLETE, FAILED, INTERRUPTED, RUNNING = "complete", "failed", "interrupted", "running"
 VERSION_PREFIX = "version_"
 
 
@@ -64,3 +66,16 @@ def resolve_run(
         )
     print(f"litelvlm: {flag + ' ' if flag else ''}{path} -> {chosen[-1]} (its latest run with {what})", file=sys.stderr)
     return chosen[-1]
+
+
+def resume_command(args: list[str], run_dir: str | Path) -> str:
+    """The command line that resumes `run_dir`: the CLI's arguments with `--resume RUN_DIR` (any earlier one replaced)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "litelvlm.cli", *kept, "--resume", str(run_dir)])

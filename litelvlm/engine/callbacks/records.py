@@ -67,6 +67,12 @@ class SampleRecords(L.Callback):
         if trainer.is_global_zero:
             remove_partial_writes(folder)
             write_manifest(self.run_dir, manifest)
+        trainer.strategy.barrier("litelvlm-records-manifest")
+        if read_manifest(self.run_dir) is None:  # rank zero wrote it: this process cannot see rank zero's files
+            raise RecordsError(
+                f"rank {trainer.global_rank} cannot see {folder / MANIFEST_FILE}, which rank 0 wrote: the run folder "
+                f"must be on a file system every node shares (set --trainer.logger.init_args.save_dir to one)"
+            )
         self.writer = PartWriter(folder, attempt, trainer.global_rank)
         self.resumed_samples = completed_samples(table, pl_module.configuration_names) if table is not None else {}
         for split_index, split in enumerate(datamodule.split_names):

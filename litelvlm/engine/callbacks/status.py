@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from litelvlm.engine.runs import COMPLETE, FAILED, RUNNING, write_status
+from litelvlm.engine.runs import COMPLETE, FAILED, INTERRUPTED, RUNNING, resume_command, write_status
+
+
+RESUMABLE_STAGES = ("validate", "test")  # the stages `--resume RUN_DIR` continues from their records
 
 
 class RunStatus(L.Callback):
-    """`running` at setup, `complete` after the last hook, `failed` with the error when one stops the run.
+    """`running` at setup, `complete` after the last hook, `failed` with the error when one stops the run,
+    `interrupted` with the resume command when a SIGTERM (a scheduler's notice before its kill) does.
 
-    Only runs with a logger have a run folder; without one nothing is written.
+    Lightning's own SIGTERM handler sets `trainer.received_sigterm` and its loop raises
+    `SIGTERMException` after the batch in progress, except after a loader's last batch; this callback
+    raises it there too, so every process stops at its next batch end, its records written (it runs
+    after `SampleRecords`); under DDP it lets Lightning's handler run for the first SIGTERM only. Only runs with a logger have a run folder; without one nothing is written.
+
+    Args:
+        command: the CLI's arguments, for the resume command an interrupted run prints (None: not printed).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, command: list[str] | None = None) -> None:
+        self.command = command
         self.folder: Path | None = None
         self.stage: str | None = None
 
@@ -28,6 +43,22 @@ class RunStatus(L.Callback):
             self.folder = folder
             write_status(folder, RUNNING, stage=stage)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _handle_sigterm_once(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _handle_sigterm_once(trainer)
+
+    def _stop_on_sigterm(self, trainer: L.Trainer) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._stop_on_sigterm(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._stop_on_sigterm(trainer)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning calls the teardown hooks only after a run that raised nothing (after on_fit_end's export).
         if self.folder is not None:
@@ -35,7 +66,32 @@ class RunStatus(L.Callback):
         self.folder = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self.folder is not None:
+        if self.folder is not None and (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
+            resumable = self.command is not None and self.stage in RESUMABLE_STAGES  # a fit resumes from its checkpoints
+            resume = resume_command(self.command, self.folder) if resumable else None
+            write_status(self.folder, INTERRUPTED, stage=self.stage, signal="SIGTERM", resume=resume)
+            print(f"litelvlm: interrupted by SIGTERM; the records of every finished batch are in {self.folder / 'records'}", file=sys.stderr)
+            if resume is not None:
+                print(f"litelvlm: resume with: {resume}", file=sys.stderr)
+        elif self.folder is not None:
             error = f"{type(exception).__name__}: {exception}".splitlines()[0] if str(exception) else type(exception).__name__
             write_status(self.folder, FAILED, stage=self.stage, error=error)
         self.folder = None
+
+
+def _handle_sigterm_once(trainer: L.Trainer) -> None:
+    """Let Lightning's SIGTERM handler (installed for this run, restored by Lightning after it) run
+    only for the first SIGTERM. Under DDP it broadcasts from rank 0 inside the handler, once per
+    signal; a rank that gets the signal twice (from the scheduler, and forwarded by Lightning's own
+    launcher) would wait on a second broadcast that rank 0 never sends."""
+    if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler):
+        return
+
+    def first_only(signum, frame) -> None:
+        if not trainer.received_sigterm:
+            handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, first_only)
