@@ -81,7 +81,7 @@ def reduce_visual_tokens(pruner: TokenPruner, signals: VisualSignals, device: to
     reduction = pruner.reduce(signals)
     if not isinstance(reduction, VisualReduction):
         raise PrunerError(f"{pruner.name}.reduce must return a VisualReduction, got {type(reduction).__name__}")
-    reduction = VisualReduction(**{k: None if v is None else v.to(device) for k, v in vars(reduction).items()})
+    reduction = reduction.to(device)
     tokens = reduction.features if reduction.merged else reduction.kept
     if tokens is None:
         raise PrunerError(f"{pruner.name}.reduce returned neither kept indices nor merged features")

@@ -116,6 +116,9 @@ class VisualReduction:
     def merged(self) -> bool:
         return self.features is not None
 
+    def to(self, device) -> VisualReduction:
+        return VisualReduction(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
+
 
 KeptOrder = Literal["reference", "raster"]
 PositionIds = Literal["contiguous", "original"]
