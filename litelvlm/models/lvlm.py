@@ -1,9 +1,10 @@
 """The frozen pixel-grounding LVLM (GLaMM / LISA architecture), composed from transformers parts.
 
 Read top to bottom, `forward` is the whole model:
-CLIP vision (+ only the signals the pruner declared) -> pruner.select -> projector -> splice into
-the prompt -> decoder loop (an in-LLM pruner may shorten the sequence) -> final norm -> states just
-before each [SEG] -> [SEG] projection -> SAM prompt encoder + mask decoder -> masks at image size.
+CLIP vision (+ only the signals the pruner declared) -> pruner.reduce (kept patches or merged
+tokens) -> projector -> splice into the prompt -> decoder loop (an in-LLM pruner may shorten the
+sequence) -> final norm -> states just before each [SEG] -> [SEG] projection -> SAM prompt encoder
++ mask decoder -> masks at image size.
 The pre-LLM hooks (signals, reduction, projection, splice) are in `models/visual_reduction.py`.
 """
 
@@ -36,12 +37,12 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from litelvlm.errors import LitelvlmError
+from litelvlm.models import visual_reduction
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
 from litelvlm.models.tokenizer import tokenize_questions
-from litelvlm.models import visual_reduction
 from litelvlm.models.vision_signals import run_vision_layers
-from litelvlm.models.visual_reduction import IMAGE_TOKEN_INDEX, text_key
+from litelvlm.models.visual_reduction import IMAGE_TOKEN_INDEX, text_key  # noqa: F401 (IMAGE_TOKEN_INDEX: imported from here)
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
 from litelvlm.pruners.base import check_kept as _check_kept
 
