@@ -11,7 +11,7 @@ from conftest import sam_image_cache
 
 from litelvlm.pruners import NoPruning, build_pruner
 
-BASELINES = ["fastervlm", "divprune", "cdpruner"]
+BASELINES = ["fastervlm", "divprune", "cdpruner"]  # index selection; VisionZip (merges): test_visionzip_model.py
 BUDGETS = [1, 64, 192, 575, 576]
 
 
@@ -47,7 +47,7 @@ def test_every_budget_feeds_the_llm_what_select_returns(tiny_model, demo_batch, 
                     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", [*BASELINES, "visionzip"])
 def test_validate_by_short_name(tmp_path, name):
     from test_cli import QUICK, run_cli
 
@@ -57,15 +57,17 @@ def test_validate_by_short_name(tmp_path, name):
 
 
 def test_a_sweep_with_the_existing_pruners_equals_separate_runs(tmp_path):
-    """One pass shares the signals (projected features computed once for DivPrune and CDPruner); each
-    configuration's metrics and per-mask records equal its own run's."""
+    """One pass shares the signals (projected features computed once for DivPrune and CDPruner, the select
+    layer's q/k once for FasterVLM, VisionZip and VisPruner); each configuration's metrics and per-mask
+    records equal its own run's."""
     from test_sweep import DEMO, SAME_DATA, _single_run_args, record_rows, run_cli
 
     results, sweep_dir, _ = run_cli(
         tmp_path / "sweep", "--config", DEMO, "--model.pruner", "null",
-        "--model.sweep.strategies", f"[{', '.join(BASELINES)}, vispruner]", "--model.sweep.budgets", "[64]", *SAME_DATA,
+        "--model.sweep.strategies", f"[{', '.join(BASELINES)}, visionzip, vispruner]", "--model.sweep.budgets", "[64]",
+        *SAME_DATA,
     )  # fmt: skip
-    assert [row["configuration"] for row in results] == [f"{name}@64" for name in (*BASELINES, "vispruner")]
+    assert [row["configuration"] for row in results] == [f"{name}@64" for name in (*BASELINES, "visionzip", "vispruner")]
     for row in results:
         name = row["configuration"]
         single, single_dir, _ = run_cli(tmp_path / name, "--config", DEMO, *_single_run_args(name), *SAME_DATA)

@@ -227,3 +227,33 @@ def test_table_tool_reproduces_the_published_llm_flops_of_the_baseline_and_litel
     # CLIP text tower and the last CLIP layer's q/k/v: LiteLVLM's own cost, absent without pruning
     assert rows[0]["flops_by_stage"].get("clip_text", 0) == 0 < rows[1]["flops_by_stage"]["clip_text"]
     assert rows[1]["flops_by_stage"]["clip_vision"] > rows[0]["flops_by_stage"]["clip_vision"]
+
+
+def visionzip_merge_flops(num_tokens: int, num_patches: int, key_width: int, width: int) -> int:
+    """VisionZip's own cost per image: the (M - C) x C key cosines and the C sums over M - C member states."""
+    from litelvlm.pruners.visionzip import split_budget
+
+    dominant, contextual = split_budget(num_tokens)
+    others = num_patches - (dominant - 1) - contextual
+    return 2 * (others * contextual * key_width + contextual * others * width)
+
+
+def test_visionzips_merge_is_its_selection_cost_in_the_profiler(tiny_model, demo_batch):
+    vision = tiny_model.config.vision
+    _, flops = counted_run(tiny_model, demo_batch, build_pruner("visionzip", num_tokens=64))
+    per_image = visionzip_merge_flops(64, NUM_PATCHES, vision.hidden_size // vision.num_heads, vision.hidden_size)
+    assert flops["pruner_select"] == demo_batch.batch_size * per_image
+
+
+def test_table_tool_lists_visionzip_with_the_llm_cost_of_its_budget_and_its_merge(efficiency_table):
+    Strategy = efficiency_table.Strategy
+    rows = efficiency_table.efficiency_rows(
+        strategies=[Strategy("fastervlm", 192), Strategy("visionzip", 192), Strategy("visionzip", 64)]
+    )
+    fastervlm, visionzip_192, visionzip_64 = rows
+    # R = 192 tokens ([CLS] among them) reach the LLM, as FasterVLM's 192 patches; CLIP runs as far as FasterVLM's.
+    assert visionzip_192["llm_macs"] == fastervlm["llm_macs"]
+    assert visionzip_192["flops_by_stage"]["clip_vision"] == fastervlm["flops_by_stage"]["clip_vision"]
+    for row, budget in ((visionzip_192, 192), (visionzip_64, 64)):  # GLaMM-7B's CLIP: 1024 wide, 16 heads of 64
+        assert row["flops_by_stage"]["pruner_select"] == visionzip_merge_flops(budget, NUM_PATCHES, 64, 1024)
+        assert row["sequence_length_per_layer"] == [126 + budget] * 32

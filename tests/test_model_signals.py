@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from litelvlm.models import lvlm
+from litelvlm.models import lvlm, visual_reduction
 from litelvlm.pruners import ContextOnly, FastV, LiteLVLM, NoPruning, Signal, TokenPruner, VisPruner
 
 PRE_LLM_SIGNALS = frozenset(Signal) - {Signal.LLM_ATTENTION}
@@ -208,7 +208,7 @@ def _assert_only(seen, present: set[str]) -> None:
 @torch.no_grad()
 def _forward_counting(model, batch, pruner, monkeypatch):
     calls = {"cls_attention": 0, "llm_attention": 0}
-    cls_attention = lvlm._cls_attention
+    cls_attention = visual_reduction.cls_attention
     llm_attention = lvlm.PixelGroundingLVLM._last_token_attention
 
     def spy_cls(*args, **kwargs):
@@ -219,7 +219,7 @@ def _forward_counting(model, batch, pruner, monkeypatch):
         calls["llm_attention"] += 1
         return llm_attention(*args, **kwargs)
 
-    monkeypatch.setattr(lvlm, "_cls_attention", spy_cls)
+    monkeypatch.setattr(visual_reduction, "cls_attention", spy_cls)
     monkeypatch.setattr(lvlm.PixelGroundingLVLM, "_last_token_attention", staticmethod(spy_llm))
     output = None
     with CallCounter(tower_modules(model)) as counts:

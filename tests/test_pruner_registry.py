@@ -23,6 +23,7 @@ SHORT_NAMES = {
     "fastervlm": pruners.FasterVLM,
     "divprune": pruners.DivPrune,
     "cdpruner": pruners.CDPruner,
+    "visionzip": pruners.VisionZip,
 }
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pruners"
 
@@ -104,6 +105,7 @@ CONFIG_CLASSES = {
     "fastervlm": pruners.FasterVLM,
     "divprune": pruners.DivPrune,
     "cdpruner": pruners.CDPruner,
+    "visionzip": pruners.VisionZip,
 }
 
 
@@ -117,7 +119,7 @@ def test_pruner_configs_instantiate_through_jsonargparse(config_name):
     assert pruner.num_tokens == (None if config_name == "none" else 192)
 
 
-def test_every_registered_pruner_keeps_exactly_r_distinct_indices():
+def test_every_registered_pruner_keeps_exactly_r_distinct_indices_or_r_tokens_of_distinct_patches():
     torch.manual_seed(0)
     batch, patches = 2, 12
     signals = VisualSignals(
@@ -127,6 +129,9 @@ def test_every_registered_pruner_keeps_exactly_r_distinct_indices():
         text_embeds=torch.randn(batch, 2, 3),
         text_mask=torch.tensor([[True, True], [True, False]]),
         cls_attention=torch.rand(batch, 2, patches),
+        cls_attention_sum=torch.rand(batch, patches),
+        select_keys=torch.randn(batch, patches, 2),
+        cls_features=torch.randn(batch, 4),
         last_qkv=tuple(torch.randn(3, batch, patches + 1, 4).unbind(0)),
         num_patches=patches,
         batch_size=batch,
@@ -136,7 +141,16 @@ def test_every_registered_pruner_keeps_exactly_r_distinct_indices():
     for name in sorted(SHORT_NAMES.keys() - {"none"}):
         for budget in range(1, patches + 1):
             pruner = build_pruner(name, num_tokens=budget)
+            if not pruner.acts_in_llm:  # what the model calls: R tokens, no patch standing in two of them
+                reduction = pruner.reduce(signals)
+                assert reduction.members.shape == (batch, budget, patches) and reduction.groups.shape == (batch, budget)
+                assert int(reduction.members.sum(1).max()) <= 1, (name, budget)
+                if reduction.merged:
+                    assert reduction.features.shape == (batch, budget, 4), (name, budget)
+                    continue
             kept = pruner.select_in_llm(llm_attention) if pruner.acts_in_llm else pruner.select(signals)
             assert kept.shape == (batch, budget), name
             assert all(len(set(row)) == budget for row in kept.tolist()), (name, budget)
+            if not pruner.acts_in_llm:  # each token stands for its own patch
+                assert reduction.members.nonzero()[:, 2].view(batch, budget).tolist() == kept.tolist(), name
     assert build_pruner("none").select(signals).tolist() == [list(range(patches))] * batch

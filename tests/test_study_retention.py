@@ -73,6 +73,20 @@ def test_overlay_dims_pruned_cells_and_tints_kept_cells_by_group():
         np.testing.assert_allclose(cell, np.broadcast_to(expected, (2, 2, 3)))
 
 
+def test_overlay_draws_a_merged_token_over_its_members_and_a_token_of_no_patch_nowhere():
+    from matplotlib.colors import to_rgb
+
+    image = np.full((4, 6, 3), 0.5)
+    # token 0: patch 0 (group 0); token 1: merged from patches 1 and 5 (group 1); token 2: [CLS], no patch.
+    overlay = retention_overlay(image, kept=[[0], [1, 5], []], groups=[0, 1, 0], grid=(2, 3))
+    for index, colour in ((0, "tab:orange"), (1, "tab:cyan"), (5, "tab:cyan"), (2, None), (3, None), (4, None)):
+        row, col = divmod(index, 3)
+        cell = overlay[2 * row : 2 * row + 2, 2 * col : 2 * col + 2]
+        expected = 0.5 * PRUNED_BRIGHTNESS if colour is None else (
+            0.5 * (1 - KEPT_FILL_ALPHA) + np.array(to_rgb(colour)) * KEPT_FILL_ALPHA)
+        np.testing.assert_allclose(cell, np.broadcast_to(expected, (2, 2, 3)))
+
+
 def test_a_patch_lands_on_its_pixels_of_the_original_frame():
     from matplotlib.colors import to_rgb
 
@@ -232,3 +246,52 @@ def test_an_encoders_only_run_is_refused_with_one_line():
 
     with pytest.raises(StudyError, match="model.encoders_only"):
         TokenRetentionVisualizer().setup(SimpleNamespace(), SimpleNamespace(encoders_only=True), "validate")
+
+
+# ------------------------------------------------------------------ the pre-LLM baselines, merged tokens included
+BASELINES = ("fastervlm", "divprune", "cdpruner", "visionzip")
+
+
+@pytest.fixture(scope="module")
+def baselines_run(tmp_path_factory):
+    from litelvlm.cli import main
+
+    save_dir = tmp_path_factory.mktemp("retention_baselines")
+    pruners = save_dir / "pruners.yaml"
+    pruners.write_text("model:\n  pruners:\n" + "".join(
+        f"    - class_path: {name}\n      init_args:\n        num_tokens: 64\n" for name in BASELINES))
+    with mock.patch.object(sys, "argv", ["litelvlm.cli"]):
+        main(["validate", "--config", str(REPO / "configs/studies/visualize.yaml"), "--config", str(pruners),
+              "--trainer.limit_val_batches", "1", "--data.batch_size", "1",
+              "--trainer.callbacks.init_args.num_samples", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(save_dir)])
+    [folder] = save_dir.rglob("retention")
+    return folder, [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
+def test_the_visualiser_draws_all_four_baselines_with_what_the_model_fed_the_llm(baselines_run, tiny_model):
+    from litelvlm.data.datamodule import ReferringDataModule
+    from litelvlm.pruners import build_pruner
+
+    folder, panels = baselines_run
+    data = ReferringDataModule(batch_size=1, max_sentences=3)
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    pruners = {f"{name}@64": build_pruner(name, num_tokens=64) for name in BASELINES}
+    with torch.no_grad():
+        shared = tiny_model.encode(batch, list(pruners.values()))
+        outputs = {name: tiny_model.ground(batch, shared, pruner) for name, pruner in pruners.items()}
+    assert {p["configuration"] for p in panels} == set(pruners)
+    for panel in panels:
+        output = outputs[panel["configuration"]]
+        members = [row.nonzero().flatten().tolist() for row in output.token_members[0]]
+        assert panel["token_patches"] == members and panel["R"] == 64 and panel["layout"] == "three"
+        assert panel["kept_groups"] == [output.group_names[g] for g in output.kept_groups[0].tolist()]
+        with Image.open(folder / panel["png"]) as image:
+            assert image.size[0] > 500 and image.size[1] > 200
+        if panel["configuration"] == "visionzip@64":  # [CLS] (no patch), 53 patches, 10 merged tokens over the rest
+            assert panel["kept_indices"] is None and members[0] == []
+            assert panel["group_counts"] == {"dominant": 54, "contextual": 10}
+            assert sorted(i for token in members for i in token) == list(range(576)) == list(range(panel["patches_shown"]))
+        else:
+            assert panel["kept_indices"] == output.kept_indices[0].tolist() and panel["patches_shown"] == 64

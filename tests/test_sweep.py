@@ -1,7 +1,8 @@
 """One pass, many configurations: a sweep gives each configuration exactly the numbers of its own run.
 
 The sweep of configs/sweep_demo.yaml (none, random, FastV, VisPruner, LiteLVLM and its three
-ablations at 192 and 64 tokens) runs once on two demo images; each of its 15 configurations then
+ablations, FasterVLM, DivPrune, CDPruner and VisionZip at 192 and 64 tokens) runs once on two demo images; each
+of its 23 configurations then
 runs alone through configs/demo.yaml on the same images. Metrics and per-mask records must be
 equal, not close: the encoders' outputs do not depend on which pruners share them.
 """
@@ -33,7 +34,8 @@ QUIET = ("--trainer.enable_progress_bar", "false")
 EXPECTED_NAMES = ["none"] + [
     f"{strategy}@{budget}"
     for budget in (192, 64)
-    for strategy in ("random", "fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity")
+    for strategy in ("random", "fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity",
+                     "fastervlm", "divprune", "cdpruner", "visionzip")
 ]
 
 
@@ -96,7 +98,7 @@ def test_sweep_logs_each_configuration_under_its_own_name(sweep_run):
 def test_metrics_recomputed_from_the_records_equal_the_logged_ones_exactly(sweep_run):
     results, run_dir, _ = sweep_run
     recomputed = {row["configuration"]: row for row in metrics_from_records(run_dir)}
-    assert len(read_records(run_dir)) == 15 * 4  # every mask under every configuration, once
+    assert len(read_records(run_dir)) == len(EXPECTED_NAMES) * 4 == 23 * 4  # every mask under every configuration, once
     for row in results:
         again = recomputed[row["configuration"]]
         assert (again["ciou"], again["giou"], again["num_masks"]) == (row["ciou"], row["giou"], row["num_samples"])
@@ -183,7 +185,7 @@ GRIDS = [("glamm_refseg_grid", "glamm", "bin"), ("lisa_7b_grid", "lisa", "safete
 
 @pytest.mark.parametrize(("name", "kind", "fmt"), GRIDS, ids=[grid[0] for grid in GRIDS])
 def test_experiment_grid_runs_as_is_on_a_released_format_checkpoint(tmp_path, name, kind, fmt):
-    """experiments/<model>_grid.yaml: 25 configurations on the 8 standard splits; here on one split
+    """experiments/<model>_grid.yaml: 41 configurations on the 8 standard splits; here on one split
     of original-layout data with a released-format checkpoint (random weights), one batch."""
     from fixtures_checkpoints import write_released_checkpoint
     from test_data_original import write_original_layout
@@ -206,7 +208,8 @@ def test_experiment_grid_runs_as_is_on_a_released_format_checkpoint(tmp_path, na
         "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1",
     )  # fmt: skip
     budgets = (192, 128, 64, 32)
-    methods = ("fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity")
+    methods = ("fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity",
+               "fastervlm", "divprune", "cdpruner", "visionzip")
     assert [row["configuration"] for row in results] == ["none"] + [f"{m}@{b}" for b in budgets for m in methods]
     assert all(row["split"] == "refcoco/val" and row["num_samples"] > 0 for row in results)
     assert {row["visual_tokens"] for row in results if row["num_tokens"] == 32} == {32}

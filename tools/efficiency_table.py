@@ -5,7 +5,7 @@
 The 7B architecture is built on the `meta` device (shapes only: no weights, no memory) and one
 representative sample, one image with the 3-sentence default prompt, goes through the real forward
 under torch's FlopCounterMode, for no pruning and for FastV (both variants), VisPruner, LiteLVLM, FasterVLM,
-DivPrune and CDPruner at 192 and 64 kept tokens. The LLM column is in 10^12 multiply-accumulates of the LLM decoder
+DivPrune, CDPruner and VisionZip at 192 and 64 kept tokens. The LLM column is in 10^12 multiply-accumulates of the LLM decoder
 (the published convention); the other columns are FLOPs (2 per multiply-accumulate) per stage.
 
 The real LLaMA tokenizer is not needed: the prompt is `--text-tokens` ids (126, the length the
@@ -44,7 +44,7 @@ from litelvlm.models.batch import GroundingBatch
 from litelvlm.models.config import LVLMConfig
 from litelvlm.models.lvlm import IMAGE_TOKEN_INDEX, PixelGroundingLVLM
 from litelvlm.models.prompts import build_glamm_prompt
-from litelvlm.pruners import TokenPruner, VisualSignals
+from litelvlm.pruners import TokenPruner, VisualReduction, VisualSignals
 
 DEFAULT_SENTENCES = ("the man in the red shirt", "the dog on the left", "the white car behind the bus")
 DEFAULT_TEXT_TOKENS = 126
@@ -77,13 +77,14 @@ def default_strategies(budgets=BUDGETS) -> list[Strategy]:
 
 
 class HostSelection(TokenPruner):
-    """Runs a pre-LLM pruner on a meta-device model: its real `select` gets seeded random host tensors
-    shaped like the (valueless) meta signals, so its own cost is counted and the kept indices it
-    returns have the right shape. Which tokens it keeps does not change any count."""
+    """Runs a pre-LLM pruner on a meta-device model: its real `reduce` (selection or merge) gets seeded
+    random host tensors shaped like the (valueless) meta signals, so its own cost is counted and the
+    tokens it returns have the right shape. Which tokens it keeps does not change any count."""
 
     def __init__(self, pruner: TokenPruner) -> None:
         super().__init__(num_tokens=pruner.num_tokens, kept_order=pruner.kept_order, position_ids=pruner.position_ids)
         self.pruner = pruner
+        self.group_names = pruner.group_names
         self.text_source = getattr(pruner, "text_source", "question")
 
     @property
@@ -94,7 +95,7 @@ class HostSelection(TokenPruner):
     def required_signals(self):
         return self.pruner.required_signals
 
-    def select(self, signals: VisualSignals) -> torch.Tensor:
+    def reduce(self, signals: VisualSignals) -> VisualReduction:
         generator = torch.Generator().manual_seed(0)
 
         def on_host(value):
@@ -107,7 +108,7 @@ class HostSelection(TokenPruner):
             return torch.randn(value.shape, generator=generator).to(value.dtype)
 
         host = replace(signals, **{f.name: on_host(getattr(signals, f.name)) for f in fields(signals)})
-        return self.pruner.select(host).to("meta")
+        return self.pruner.reduce(host).to("meta")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Two layouts. `three`: one panel per (sample, sentence, configuration): the CLIP-branch view of the
 image (the crop the pruner saw) with every kept patch filled and outlined in its group's colour
 (LiteLVLM: similarity-aware / context-aware; VisPruner: important / diverse; FastV: kept at layer
-K) and the pruned patches dimmed; beside it the predicted and the ground-truth mask on the original
+K; VisionZip: dominant / contextual, a merged token's member patches filled in its colour, outlined
+dashed, with a dot at their centre) and the pruned patches dimmed; beside it the predicted and the ground-truth mask on the original
 image. `four` (the paper's figure, the default for LiteLVLM and its ablations): one figure per
 (sample, configuration), one row per sentence titled by it: the input image, the first group's
 tokens (similarity-aware), the second group's (context-aware), the output mask, with the tokens
@@ -63,10 +64,12 @@ def original_view(sam_pixel_values: Tensor, resized_size: Tensor, original_size:
     return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def retention_overlay(image: np.ndarray, kept: list[int], groups: list[int], grid: tuple[int, int]) -> np.ndarray:
+def retention_overlay(image: np.ndarray, kept: list, groups: list[int], grid: tuple[int, int]) -> np.ndarray:
     """`image` [S, S, 3] with pruned patch cells dimmed and each kept cell tinted by its group's colour.
 
-    Patch `i` is the cell at row `i // grid_w`, column `i % grid_w` (raster order, as the CLIP patches).
+    `kept`: per token, its patch index, or the list of patches it stands for (a merged token: every
+    member cell takes the token's colour). Patch `i` is the cell at row `i // grid_w`, column
+    `i % grid_w` (raster order, as the CLIP patches).
     """
     from matplotlib.colors import to_rgb
 
@@ -78,10 +81,11 @@ def retention_overlay(image: np.ndarray, kept: list[int], groups: list[int], gri
     scale = np.full((grid_h * grid_w, 1), PRUNED_BRIGHTNESS)
     tint = np.zeros((grid_h * grid_w, 3))
     alpha = np.zeros((grid_h * grid_w, 1))
-    for index, group in zip(kept, groups):
-        scale[index] = 1.0
-        tint[index] = to_rgb(group_colour(group))
-        alpha[index] = KEPT_FILL_ALPHA
+    for token, group in zip(kept, groups):
+        cells = [token] if isinstance(token, int) else list(token)
+        scale[cells] = 1.0
+        tint[cells] = to_rgb(group_colour(group))
+        alpha[cells] = KEPT_FILL_ALPHA
     to_pixels = lambda cells: cells.reshape(grid_h, grid_w, -1).repeat(cell_h, 0).repeat(cell_w, 1)  # noqa: E731
     return image * to_pixels(scale) * (1 - to_pixels(alpha)) + to_pixels(tint) * to_pixels(alpha)
 
@@ -132,18 +136,22 @@ def group_colour(group: int) -> str:
     return GROUP_COLOURS[group % len(GROUP_COLOURS)]
 
 
-def retained(output: GroundingOutput, b: int) -> tuple[list[int], list[int], str]:
-    """Sample `b`'s kept patch indices (in the order the model reports them), their group labels, and
-    where the selection acted (`before the LLM` / `inside the LLM`)."""
-    if output.kept_indices is not None:
-        kept, where = output.kept_indices[b], "before the LLM"
+def retained(output: GroundingOutput, b: int) -> tuple[list[list[int]], list[int], str]:
+    """Sample `b`'s visual tokens as the patches each stands for (in the order the model reports them: a
+    kept patch `[i]`, a merged token its members, [CLS] `[]`), their group labels, and where the
+    selection acted (`before the LLM` / `inside the LLM`)."""
+    if output.token_members is not None:
+        tokens = [row.nonzero().flatten().tolist() for row in output.token_members[b].cpu()]
+        where = "before the LLM"
+    elif output.kept_indices is not None:
+        tokens, where = [[i] for i in output.kept_indices[b].tolist()], "before the LLM"
     elif output.llm_kept_indices is not None:
-        kept, where = output.llm_kept_indices[b], "inside the LLM"
+        tokens, where = [[i] for i in output.llm_kept_indices[b].tolist()], "inside the LLM"
     else:
-        raise StudyError("the model's output records no kept indices (neither kept_indices nor llm_kept_indices)")
+        raise StudyError("the model's output records no kept tokens (no token_members, kept_indices or llm_kept_indices)")
     if output.kept_groups is None:
         raise StudyError("the model's output records no group labels (kept_groups is None)")
-    return kept.tolist(), output.kept_groups[b].tolist(), where
+    return tokens, output.kept_groups[b].tolist(), where
 
 
 def figure_pixels(fig) -> np.ndarray:
@@ -189,17 +197,26 @@ def four_panel_figure(original: np.ndarray, boxes: np.ndarray, sentences: list[d
                 ax.imshow(original * PRUNED_BRIGHTNESS)
                 ax.set_title("(no second group)", fontsize=9)
                 continue
-            indices = [i for i, g in zip(record["kept_indices"], record["kept_groups"]) if g == names[group]]
+            tokens = [t for t, g in zip(record_tokens(record), record["kept_groups"]) if g == names[group]]
+            indices = [i for token in tokens for i in token]  # a merged token: all its member patches
             ax.imshow(tokens_on_original(original, indices, group_colour(group), boxes))
             for top, left, bottom, right in boxes[indices]:
                 ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                        edgecolor=group_colour(group), linewidth=0.6))
-            ax.set_title(f"{names[group]} tokens ({len(indices)})", fontsize=9)
+            ax.set_title(f"{names[group]} tokens ({len(tokens)})", fontsize=9)
         draw_mask(axes[3], original, prediction, f"output mask (IoU {record['iou']:.2f})")
         for ax in axes:
             ax.set_axis_off()
         row.suptitle(textwrap.fill(f'"{record["expression"]}"', width=100), fontsize=10)
     return fig
+
+
+def record_tokens(record: dict) -> list[list[int]]:
+    """A panel record's tokens as the patches each stands for (records of one patch per token may hold
+    only `kept_indices`)."""
+    if record.get("token_patches") is not None:
+        return record["token_patches"]
+    return [[i] for i in record["kept_indices"]]
 
 
 def safe_filename(text: str) -> str:
@@ -315,7 +332,8 @@ class TokenRetentionVisualizer(L.Callback):
         return figure_pixels(four_panel_figure(original, boxes, records, predictions, self.dpi))
 
     def _panel_record(self, outputs, batch, b, t, name, output, scores, mask_index, grid) -> dict:
-        kept, groups, where = retained(output, b)
+        tokens, groups, where = retained(output, b)
+        one_patch_each = all(len(token) == 1 for token in tokens)
         group_names = list(output.group_names)  # labels index into them: the model checked that
         intersection, union = int(scores.intersection[mask_index]), int(scores.union[mask_index])
         sample_id = outputs.sample_ids[b]
@@ -331,10 +349,13 @@ class TokenRetentionVisualizer(L.Callback):
             "question": batch.questions[b][t],
             "configuration": name,
             "selected": where,
-            "R": len(kept),
+            "R": len(tokens),
             "num_patches": grid[0] * grid[1],
             "grid": list(grid),
-            "kept_indices": kept,
+            # per token its patch (null when some token is merged or stands for none, e.g. [CLS])
+            "kept_indices": [token[0] for token in tokens] if one_patch_each else None,
+            "token_patches": tokens,  # per token, the patches it stands for
+            "patches_shown": len({i for token in tokens for i in token}),
             "kept_groups": [group_names[g] for g in groups],
             "group_names": group_names,
             "group_counts": {group: groups.count(i) for i, group in enumerate(group_names)},
@@ -357,21 +378,31 @@ class TokenRetentionVisualizer(L.Callback):
         prediction = (output.mask_logits[b][t] > 0).cpu().numpy()
         target = batch.gt_masks[b][t].bool().cpu().numpy()
 
+        tokens = record_tokens(record)
         fig, axes = plt.subplots(1, 3, figsize=(13, 5), dpi=self.dpi)
-        axes[0].imshow(retention_overlay(clip_image, record["kept_indices"], groups, (grid_h, grid_w)))
-        for index, group in zip(record["kept_indices"], groups):
-            row, col = divmod(index, grid_w)
-            axes[0].add_patch(Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False,
-                                        edgecolor=group_colour(group), linewidth=0.8))
-        axes[0].set_title(f"{record['configuration']}: {record['R']} of {record['num_patches']} patches, "
-                          f"{record['selected']}", fontsize=9)
+        axes[0].imshow(retention_overlay(clip_image, tokens, groups, (grid_h, grid_w)))
+        for token, group in zip(tokens, groups):
+            if len(token) == 1:
+                row, col = divmod(token[0], grid_w)
+                axes[0].add_patch(Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False,
+                                            edgecolor=group_colour(group), linewidth=0.8))
+            elif token:  # a merged token over its members: their outline, dashed, and a dot at their centre
+                cells = np.zeros(grid_h * grid_w, dtype=np.float32)
+                cells[token] = 1.0
+                region = cells.reshape(grid_h, grid_w).repeat(cell, 0).repeat(cell, 1)
+                axes[0].contour(region, levels=[0.5], colors=[group_colour(group)], linewidths=0.8, linestyles="dashed")
+                rows, cols = np.divmod(np.asarray(token), grid_w)
+                axes[0].plot((cols.mean() + 0.5) * cell - 0.5, (rows.mean() + 0.5) * cell - 0.5, "o", markersize=3,
+                             color=group_colour(group))
+        axes[0].set_title(f"{record['configuration']}: {record['R']} tokens over {record['patches_shown']} of "
+                          f"{record['num_patches']} patches, {record['selected']}", fontsize=9)
         draw_mask(axes[1], original, prediction, f"prediction (IoU {record['iou']:.2f})")
         draw_mask(axes[2], original, target, "ground truth")
         for ax in axes:
             ax.set_axis_off()
         handles = [Patch(color=group_colour(i), label=f"{name}: {record['group_counts'][name]}")
                    for i, name in enumerate(record["group_names"])]
-        handles.append(Patch(facecolor=(0.2, 0.2, 0.2), label=f"pruned: {record['num_patches'] - record['R']}"))
+        handles.append(Patch(facecolor=(0.2, 0.2, 0.2), label=f"pruned: {record['num_patches'] - record['patches_shown']}"))
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
         title = textwrap.fill(f'"{record["expression"]}"', width=110)
         where = f"{record['split']} sample {record['sample_id']}, sentence {record['sentence']}"

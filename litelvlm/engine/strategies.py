@@ -28,7 +28,7 @@ class Strategy:
 
 def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[Strategy]:
     """No pruning, then FastV (both variants), VisPruner, LiteLVLM and the pre-LLM baselines FasterVLM,
-    DivPrune and CDPruner at every budget."""
+    DivPrune, CDPruner and VisionZip at every budget."""
     rows = [Strategy("none", baseline_tokens)]
     for budget in budgets:
         rows += [
@@ -39,5 +39,6 @@ def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[S
             Strategy("fastervlm", budget),
             Strategy("divprune", budget),
             Strategy("cdpruner", budget),
+            Strategy("visionzip", budget),
         ]
     return rows

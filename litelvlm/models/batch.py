@@ -45,7 +45,8 @@ class GroundingOutput:
     """The model's answer for one batch: mask logits and a record of what the LLM saw."""
 
     mask_logits: list[Tensor]  # per sample, float [T_b, H, W] at the original size; > 0 is foreground
-    kept_indices: Tensor | None  # [B, R] kept patch indices in the order fed to the LLM (pre-LLM pruners)
+    # [B, R] kept patch indices in the order fed to the LLM (pre-LLM index pruners; None when the tokens are merged)
+    kept_indices: Tensor | None
     visual_tokens_per_layer: list[int]  # visual tokens each decoder layer ran on (per sample)
     sequence_length_per_layer: list[int]  # padded sequence length each decoder layer ran on
     seg_hidden_states: Tensor | None = None  # [M, h] final-norm states that prompt SAM, M = sum T_b
@@ -53,6 +54,9 @@ class GroundingOutput:
     # `kept_indices` (pre-LLM pruners) or `llm_kept_indices` (in-LLM pruners).
     kept_groups: Tensor | None = None
     group_names: tuple[str, ...] = ()
+    # [B, R, N] bool, pre-LLM pruners: the patches each visual token stands for (a kept patch: itself; a
+    # merged token: its members; [CLS]: none), in the order fed to the LLM.
+    token_members: Tensor | None = None
     llm_kept_indices: Tensor | None = None  # [B, R] patch indices an in-LLM pruner kept from layer K on, ascending
     # Training batches only (GroundingBatch.labels set): [B, L', V] LM logits over the sequence the LLM
     # finally ran on (L' = L - 1 + R, less what an in-LLM pruner dropped) and the labels aligned with it.

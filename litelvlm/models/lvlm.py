@@ -1,9 +1,11 @@
 """The frozen pixel-grounding LVLM (GLaMM / LISA architecture), composed from transformers parts.
 
 Read top to bottom, `forward` is the whole model:
-CLIP vision (+ only the signals the pruner declared) -> pruner.select -> projector -> splice into
-the prompt -> decoder loop (an in-LLM pruner may shorten the sequence) -> final norm -> states just
-before each [SEG] -> [SEG] projection -> SAM prompt encoder + mask decoder -> masks at image size.
+CLIP vision (+ only the signals the pruner declared) -> pruner.reduce (kept patches or merged
+tokens) -> projector -> splice into the prompt -> decoder loop (an in-LLM pruner may shorten the
+sequence) -> final norm -> states just before each [SEG] -> [SEG] projection -> SAM prompt encoder
++ mask decoder -> masks at image size.
+The pre-LLM hooks (signals, reduction, projection, splice) are in `models/visual_reduction.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +37,14 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from litelvlm.errors import LitelvlmError
-from litelvlm.models.batch import IGNORE_INDEX, GroundingBatch, GroundingOutput
+from litelvlm.models import visual_reduction
+from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
 from litelvlm.models.tokenizer import tokenize_questions
-from litelvlm.models.vision_signals import cls_attention as _cls_attention
-from litelvlm.models.vision_signals import project_patches, project_to_llm, run_vision_layers
+from litelvlm.models.vision_signals import run_vision_layers
+from litelvlm.models.visual_reduction import IMAGE_TOKEN_INDEX, text_key  # noqa: F401 (IMAGE_TOKEN_INDEX: imported from here)
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
-
-IMAGE_TOKEN_INDEX = -200
+from litelvlm.pruners.base import check_kept as _check_kept
 
 
 def clip_vision_config(config: LVLMConfig) -> CLIPVisionConfig:
@@ -210,24 +212,10 @@ class PixelGroundingLVLM(nn.Module):
         vision = self.vision_tower.vision_model
         captured = run_vision_layers(vision, pixel_values.to(self.vision_tower.dtype), self.config.select_layer, needs)
         patch_features = captured.features_with_cls[:, 1:]
-        views = {}
-        for score_dtype, wanted in needs_by_score_dtype.items():
-            signals = VisualSignals(
-                grid=self.config.grid, num_patches=self.num_patches, batch_size=patch_features.shape[0], score_dtype=score_dtype
-            )
-            if Signal.LAST_QKV in wanted:
-                signals.last_qkv = captured.last_qkv
-            if Signal.CLS_ATTENTION in wanted:
-                signals.cls_attention = _cls_attention(*captured.select_qk, self.config.vision.num_heads, score_dtype)
-            if Signal.PATCH_FEATURES in wanted:
-                signals.patch_features = patch_features
-            if Signal.PATCH_EMBEDS in wanted:
-                signals.patch_embeds = project_patches(self.vision_tower, patch_features, score_dtype)
-            if Signal.PROJECTED_FEATURES in wanted:
-                self._require_grounding_parts("the projected_features signal")
-                llm_dtype = self.llm.get_input_embeddings().weight.dtype
-                signals.projected_features = project_to_llm(self.mm_projector, patch_features, llm_dtype, score_dtype)
-            views[score_dtype] = signals
+        views = {
+            score_dtype: visual_reduction.derive_signals(self, captured, patch_features, wanted, score_dtype)
+            for score_dtype, wanted in needs_by_score_dtype.items()
+        }
         return patch_features, views
 
     def encode_text(self, texts: list[list[str]], pooling: str = "eos") -> tuple[Tensor, Tensor]:
@@ -270,62 +258,11 @@ class PixelGroundingLVLM(nn.Module):
 
     # ------------------------------------------------------------------ prompt
     def splice_visual_tokens(
-        self, batch: GroundingBatch, visual_embeds: Tensor, kept: Tensor, position_mode: str
+        self, batch: GroundingBatch, visual_embeds: Tensor, kept: Tensor | None, position_mode: str
     ) -> dict[str, Tensor]:
-        """Replace each prompt's image sentinel with its R visual embeddings.
-
-        Returns the decoder inputs: embeddings [B, L-1+R, h], key mask, position ids (contiguous,
-        or `original`: the positions the tokens had in the unpruned sequence), the mask of the
-        positions whose final state prompts SAM, and the sequence index of every visual token.
-        """
+        """Replace each prompt's image sentinel with its R visual embeddings: `visual_reduction.splice_visual_tokens`."""
         self._require_grounding_parts("splice_visual_tokens")
-        input_ids, attention_mask = batch.input_ids, batch.attention_mask
-        b, length = input_ids.shape
-        r = visual_embeds.shape[1]
-        n = self.num_patches
-        is_image = input_ids == IMAGE_TOKEN_INDEX
-        # Meta tensors (FLOP counting of the full-size architecture) hold no values to check.
-        if not input_ids.is_meta and not bool((is_image.sum(1) == 1).all()):
-            raise LitelvlmError("every prompt must contain the image placeholder exactly once")
-        image_pos = is_image.int().argmax(1)  # [B]
-        text_embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
-        prompt_positions = self._seg_prompt_positions(input_ids)
-
-        device = input_ids.device
-        new_len = length - 1 + r
-        seq = torch.arange(new_len, device=device).expand(b, new_len)
-        offset = seq - image_pos[:, None]  # position relative to the first visual token
-        in_image = (offset >= 0) & (offset < r)
-        # index of each new position's source token in the old sequence (visual slots point at the sentinel)
-        source = torch.where(offset < 0, seq, torch.where(in_image, image_pos[:, None], seq - r + 1))
-        embeds = torch.gather(text_embeds, 1, source[..., None].expand(-1, -1, text_embeds.shape[-1]))
-        visual_index = offset.clamp(0, r - 1)
-        visual_embeds = visual_embeds.to(embeds.dtype)
-        spliced_visual = torch.gather(visual_embeds, 1, visual_index[..., None].expand(-1, -1, embeds.shape[-1]))
-        # A select, not a boolean-mask assignment: same values, and shapes that do not depend on data (meta).
-        embeds = torch.where(in_image[..., None], spliced_visual, embeds)
-        key_mask = torch.gather(attention_mask, 1, source)
-        seg_mask = torch.gather(prompt_positions, 1, source) & ~in_image
-        if position_mode == "contiguous":
-            position_ids = seq.clone()
-        else:
-            kept_patch = torch.gather(kept.to(device), 1, visual_index)
-            position_ids = torch.where(
-                offset < 0, seq, torch.where(in_image, image_pos[:, None] + kept_patch, seq - r + n)
-            )
-        visual_positions = image_pos[:, None] + torch.arange(r, device=device)
-        inputs = {
-            "embeds": embeds,
-            "key_mask": key_mask,
-            "position_ids": position_ids,
-            "seg_mask": seg_mask,
-            "visual_positions": visual_positions,
-        }
-        labels = getattr(batch, "labels", None)  # training batches only
-        if labels is not None:  # the R visual slots take the sentinel's place, never predicted
-            labels = torch.gather(labels.to(device), 1, source)
-            inputs["labels"] = labels.masked_fill(in_image, IGNORE_INDEX)
-        return inputs
+        return visual_reduction.splice_visual_tokens(self, batch, visual_embeds, kept, position_mode)
 
     def _seg_prompt_positions(self, input_ids: Tensor) -> Tensor:
         """Positions whose final hidden state prompts SAM: just before each [SEG] (the references)."""
@@ -514,7 +451,7 @@ class PixelGroundingLVLM(nn.Module):
         for pruner in pruners:
             needs_by_score_dtype.setdefault(pruner.score_dtype, set()).update(pruner.required_signals)
         needs = frozenset().union(*needs_by_score_dtype.values())
-        pruner_text_keys = [_text_key(p) for p in pruners if Signal.TEXT_EMBEDS in p.required_signals]
+        pruner_text_keys = [text_key(p) for p in pruners if Signal.TEXT_EMBEDS in p.required_signals]
         text_keys = dict.fromkeys(pruner_text_keys + list(extra_text_keys))  # each once, in order
         batch_size = batch.clip_pixel_values.shape[0]
         patch_features = None
@@ -548,27 +485,14 @@ class PixelGroundingLVLM(nn.Module):
         """The pruner-dependent part: select, project, splice, decode, prompt SAM."""
         self._require_grounding_parts("ground")
         patch_features = shared.patch_features
-        n = self.num_patches
+        reduction = None  # an in-LLM pruner: the LLM gets every patch, in order, and selects inside
         with self.stage("pruner_select"):
-            if pruner.acts_in_llm:
-                kept = torch.arange(n, device=patch_features.device).expand(patch_features.shape[0], n)
-                groups = None  # set once the LLM has selected
-            else:
-                signals = shared.signals_by_score_dtype[pruner.score_dtype]
-                key = _text_key(pruner)
-                if key in shared.text_embeds:
-                    signals = replace(signals)
-                    signals.text_embeds, signals.text_mask = shared.text_embeds[key]
-                kept, groups = pruner.select_with_groups(signals)
-                kept, groups = kept.to(patch_features.device), groups.to(patch_features.device)
-                _check_kept(kept, n, pruner)
-                _check_groups(groups, kept, pruner)
-                if pruner.kept_order == "raster":
-                    kept, order = torch.sort(kept, dim=1)
-                    groups = torch.gather(groups, 1, order)  # each token keeps its group
+            if not pruner.acts_in_llm:
+                signals = visual_reduction.signals_for(shared, pruner)
+                reduction = visual_reduction.reduce_visual_tokens(pruner, signals, patch_features.device)
         with self.stage("llm_prefill"):
-            selected = torch.gather(patch_features, 1, kept[..., None].expand(-1, -1, patch_features.shape[-1]))
-            visual_embeds = self.mm_projector(selected)
+            visual_embeds = visual_reduction.project_visual_tokens(self.mm_projector, patch_features, reduction)
+            kept = _all_patches(patch_features) if reduction is None else reduction.kept
             inputs = self.splice_visual_tokens(batch, visual_embeds, kept, pruner.position_ids)
             with self.stage("llm_decoder"):  # nested: the decoder layers alone, without the projector
                 hidden, trace = self.run_decoder(inputs, pruner)
@@ -585,14 +509,15 @@ class PixelGroundingLVLM(nn.Module):
                 raise LitelvlmError(f"prompts hold {counts} [SEG] tokens per sample but the batch has {expected} masks")
             seg_embeddings = self.text_hidden_fcs(seg_states).split(counts)
             mask_logits = self.decode_masks(batch, shared.sam_image_embeddings, list(seg_embeddings))
-        llm_kept_indices = None
+        llm_kept_indices = groups = None  # an in-LLM pruner's groups are set once the LLM has selected
         if trace["llm_kept"] is not None:  # an in-LLM pruner was fed all N patches in order: positions = indices
             llm_kept_indices = trace["llm_kept"]
             groups = torch.zeros_like(llm_kept_indices)  # an in-LLM selection is one group
         return GroundingOutput(
             mask_logits=mask_logits,
-            kept_indices=None if pruner.acts_in_llm else kept,
-            kept_groups=groups,
+            kept_indices=None if reduction is None else reduction.kept,  # None for merged tokens too
+            token_members=None if reduction is None else reduction.members,
+            kept_groups=groups if reduction is None else reduction.groups,
             group_names=tuple(pruner.group_names),
             llm_kept_indices=llm_kept_indices,
             visual_tokens_per_layer=trace["visual_counts"],
@@ -628,35 +553,10 @@ class SharedEncodings:
         return self.signals_by_score_dtype.get("float32") or self.signals_by_score_dtype["model"]
 
 
-def _text_key(pruner: TokenPruner) -> tuple[str, str]:
-    """Which text embeddings a pruner reads: (text source, pooling); pruners without the knobs get the reference's."""
-    return getattr(pruner, "text_source", "question"), getattr(pruner, "text_pooling", "eos")
-
-
-def _check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:
-    """A pruner's answer must be R distinct in-range indices per sample; anything else is a bug."""
-    if kept.dim() != 2 or kept.dtype not in (torch.int64, torch.int32):
-        raise PrunerError(f"{pruner.name} must return a LongTensor [B, R], got {tuple(kept.shape)} {kept.dtype}")
-    if kept.is_meta:  # shape-only run (FLOP counting): there are no values to check
-        return
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n):
-        raise PrunerError(f"{pruner.name} returned indices outside [0, {n})")
-    sorted_kept = torch.sort(kept, dim=1).values
-    if kept.shape[1] > 1 and bool((sorted_kept[:, 1:] == sorted_kept[:, :-1]).any()):
-        raise PrunerError(f"{pruner.name} returned a repeated index")
-
-
-def _check_groups(groups: Tensor, kept: Tensor, pruner: TokenPruner) -> None:
-    """Group labels must align with the kept indices and index into the pruner's `group_names`."""
-    if groups.shape != kept.shape or groups.dtype not in (torch.int64, torch.int32):
-        raise PrunerError(
-            f"{pruner.name} must return group labels as a LongTensor shaped like its kept indices "
-            f"{tuple(kept.shape)}, got {tuple(groups.shape)} {groups.dtype}"
-        )
-    if groups.is_meta or not groups.numel():
-        return
-    if int(groups.min()) < 0 or int(groups.max()) >= len(pruner.group_names):
-        raise PrunerError(f"{pruner.name} returned group labels outside [0, {len(pruner.group_names)}) (its group_names)")
+def _all_patches(patch_features: Tensor) -> Tensor:
+    """[B, N] indices 0..N-1: what an in-LLM pruner's LLM is fed (every patch, in raster order)."""
+    b, n = patch_features.shape[:2]
+    return torch.arange(n, device=patch_features.device).expand(b, n)
 
 
 def _ascending_indices_where(mask: Tensor, count: int) -> Tensor:

@@ -47,7 +47,8 @@ class VisionPass:
     """What one pass over the CLIP vision layers captured (tensors in the tower's dtype)."""
 
     features_with_cls: Tensor  # [B, N+1, D] hidden_states[select_layer]
-    select_qk: tuple[Tensor, Tensor] | None  # q, k projections of the layer of attentions[select_layer]
+    # q (None when only the keys were asked for), k projections of the layer of attentions[select_layer]
+    select_qk: tuple[Tensor | None, Tensor] | None
     last_qkv: tuple[Tensor, Tensor, Tensor] | None  # q, k, v projections of the last layer
 
 
@@ -60,11 +61,14 @@ def run_vision_layers(vision_model: nn.Module, pixel_values: Tensor, select_laye
     layers = vision_model.encoder.layers
     num_layers = len(layers)
     feature_index = hidden_state_index(select_layer, num_layers)
-    wanted: dict[int, tuple[str, ...]] = {}
-    if Signal.CLS_ATTENTION in needs:
-        wanted[attention_layer_index(select_layer, num_layers)] = ("q", "k")
+    wanted: dict[int, set[str]] = {}
+    attention_layer = attention_layer_index(select_layer, num_layers) if needs & _SELECT_LAYER_SIGNALS else None
+    if needs & {Signal.CLS_ATTENTION, Signal.CLS_ATTENTION_SUM}:
+        wanted.setdefault(attention_layer, set()).update(("q", "k"))
+    if Signal.SELECT_KEYS in needs:
+        wanted.setdefault(attention_layer, set()).add("k")
     if Signal.LAST_QKV in needs:
-        wanted[num_layers - 1] = ("q", "k", "v")  # a superset of ("q", "k") when both name the last layer
+        wanted.setdefault(num_layers - 1, set()).update(("q", "k", "v"))
     num_run = max([feature_index, *wanted])
 
     hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
@@ -85,9 +89,9 @@ def run_vision_layers(vision_model: nn.Module, pixel_values: Tensor, select_laye
         projections[num_run] = {name: module(normed) for name, module in _projection_modules(layers[num_run], wanted[num_run]).items()}
 
     select_qk = last_qkv = None
-    if Signal.CLS_ATTENTION in needs:
-        found = projections[attention_layer_index(select_layer, num_layers)]
-        select_qk = (found["q"], found["k"])
+    if attention_layer is not None:
+        found = projections[attention_layer]
+        select_qk = (found.get("q"), found["k"])
     if Signal.LAST_QKV in needs:
         found = projections[num_layers - 1]
         last_qkv = (found["q"], found["k"], found["v"])
@@ -137,8 +141,29 @@ def project_to_llm(projector: nn.Module, patch_features: Tensor, llm_dtype: torc
     return torch.func.functional_call(projector, upcast, (patch_features.float(),))
 
 
-def _projection_modules(layer: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:
-    return {name: getattr(layer.self_attn, f"{name}_proj") for name in names}
+def head_mean_keys(key: Tensor, num_heads: int, score_dtype: str = "float32") -> Tensor:
+    """The patches' keys of one layer averaged over heads: [B, N+1, D] (CLS first) -> [B, N, D/H].
+
+    VisionZip's merge metric (dvlab-research/VisionZip @3151f6d, `visionzip/utils.py:23-24,89`: the
+    `k_proj` output split into heads, `.mean(1)` over them). `model`: in the tower's dtype, as the
+    reference; `float32`: upcast first.
+    """
+    b, length, width = key.shape
+    per_head = key.reshape(b, length, num_heads, width // num_heads)[:, 1:]
+    return per_head.mean(2) if score_dtype == "model" else per_head.float().mean(2)
+
+
+def cls_attention_head_sum(attention: Tensor) -> Tensor:
+    """[B, H, N] CLS attention -> [B, N] summed over heads, in its own dtype (VisionZip's dominant score,
+    `visionzip/clip_encoder.py:51-52`; `cls_attention` already made it in the pruner's score dtype)."""
+    return attention.sum(dim=1)
+
+
+_SELECT_LAYER_SIGNALS = frozenset({Signal.CLS_ATTENTION, Signal.CLS_ATTENTION_SUM, Signal.SELECT_KEYS})
+
+
+def _projection_modules(layer: nn.Module, names) -> dict[str, nn.Module]:
+    return {name: getattr(layer.self_attn, f"{name}_proj") for name in sorted(names, key="qkv".index)}
 
 
 class _capture_outputs:

@@ -5,6 +5,7 @@ from litelvlm.pruners.base import (
     PrunerError,
     Signal,
     TokenPruner,
+    VisualReduction,
     VisualSignals,
     top_k_indices,
 )
@@ -16,6 +17,7 @@ from litelvlm.pruners.vispruner import VisPruner
 from litelvlm.pruners.fastervlm import FasterVLM
 from litelvlm.pruners.divprune import DivPrune
 from litelvlm.pruners.cdpruner import CDPruner
+from litelvlm.pruners.visionzip import VisionZip
 
 __all__ = [
     "CDPruner",
@@ -33,6 +35,8 @@ __all__ = [
     "SimilarityOnly",
     "TokenPruner",
     "VisPruner",
+    "VisionZip",
+    "VisualReduction",
     "VisualSignals",
     "build_pruner",
     "class_path_of",

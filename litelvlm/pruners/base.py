@@ -11,6 +11,10 @@ runs in, op for op as each method's reference does; `float32` upcasts first (doc
 Every kept token also carries a group label, an index into the pruner's `group_names` (LiteLVLM's
 similarity-aware vs context-aware tokens, VisPruner's important vs diverse), so a visualiser can
 show which rule kept which patch. A pruner with groups overrides `select_with_groups`.
+
+What the model actually calls is `reduce(signals) -> VisualReduction`: index selection (the default,
+from `select_with_groups`) or NEW tokens built before the projector (a merge, e.g. VisionZip), each
+token naming the patches it stands for (docs/pruners.md, "The merged-token interface").
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class Signal(str, enum.Enum):
     PROJECTED_FEATURES = "projected_features"
     TEXT_EMBEDS = "text_embeds"
     CLS_ATTENTION = "cls_attention"
+    CLS_ATTENTION_SUM = "cls_attention_sum"
+    SELECT_KEYS = "select_keys"
+    CLS_FEATURES = "cls_features"
     LAST_QKV = "last_qkv"
     LLM_ATTENTION = "llm_attention"
 
@@ -57,13 +64,17 @@ class VisualSignals:
     projected_features: Tensor | None = None  # [B, N, h] the LLM projector on every patch, in `score_dtype`
     text_embeds: Tensor | None = None  # [B, T, P] projected CLIP text embeddings of the questions
     cls_attention: Tensor | None = None  # [B, H, N] select-layer CLS attention over the patches, in `score_dtype`
+    cls_attention_sum: Tensor | None = None  # [B, N] that attention summed over heads, in `score_dtype`
+    select_keys: Tensor | None = None  # [B, N, D/H] the same layer's patch keys, mean over heads, in `score_dtype`
+    cls_features: Tensor | None = None  # [B, D] select-layer [CLS] state, before the projector
     last_qkv: tuple[Tensor, Tensor, Tensor] | None = None  # each [B, N+1, D], CLS first
     text_mask: Tensor | None = None  # [B, T] bool: which text slots hold a real question
     grid: tuple[int, int] | None = None  # patch grid (h, w)
     num_patches: int | None = None  # N, known even when no tensor was asked for
     batch_size: int | None = None
     sample_ids: Tensor | None = None  # [B] stable id of each sample (its data-set index)
-    # The precision the model derived `patch_embeds`, `projected_features` and `cls_attention` in (the pruner's `score_dtype`);
+    # The precision the model derived `patch_embeds`, `projected_features`, `cls_attention(_sum)` and `select_keys` in
+    # (the pruner's `score_dtype`);
     # the other tensors are as the towers computed them (text embeddings upcast to float32, exactly).
     score_dtype: str = "float32"
 
@@ -77,6 +88,36 @@ class VisualSignals:
                 f"Signal.{signal.name} in its required_signals"
             )
         return value
+
+
+@dataclass
+class VisualReduction:
+    """A pre-LLM pruner's answer: the R visual tokens the projector gets, and what each stands for.
+
+    Index selection (`features` None) feeds the projector the select-layer features of the `kept`
+    patches. A merging reduction hands over NEW tokens `features` [B, R, D] built before the
+    projector (`kept` None). Either way `members` says which patches each token stands for (a kept
+    patch: itself; a merged token: its members; a token of no patch, e.g. [CLS]: none) and `groups`
+    which of the pruner's rules made it (indices into `group_names`).
+    """
+
+    groups: Tensor  # [B, R] long
+    members: Tensor  # [B, R, N] bool
+    kept: Tensor | None = None  # [B, R] patch indices, in the order fed to the LLM (index selection)
+    features: Tensor | None = None  # [B, R, D] new tokens before the projector (a merge)
+
+    @classmethod
+    def of_indices(cls, kept: Tensor, groups: Tensor, num_patches: int) -> VisualReduction:
+        """Index selection as a reduction: each token stands for its own patch."""
+        members = torch.zeros(*kept.shape, num_patches, dtype=torch.bool, device=kept.device)
+        return cls(groups=groups, members=members.scatter_(2, kept[..., None], True), kept=kept)
+
+    @property
+    def merged(self) -> bool:
+        return self.features is not None
+
+    def to(self, device) -> VisualReduction:
+        return VisualReduction(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
 
 
 KeptOrder = Literal["reference", "raster"]
@@ -173,6 +214,16 @@ class TokenPruner(nn.Module):
         kept = self.select(signals)
         return kept, torch.zeros_like(kept)
 
+    def reduce(self, signals: VisualSignals) -> VisualReduction:
+        """What the model calls before the projector: `select_with_groups` as an index reduction.
+        A pruner that builds new tokens (a merge) overrides this instead."""
+        if signals.num_patches is None:
+            raise PrunerError(f"{self.name}: the signals do not say how many patches there are (num_patches)")
+        kept, groups = self.select_with_groups(signals)
+        check_kept(kept, signals.num_patches, self)
+        check_groups(groups, kept, self)
+        return VisualReduction.of_indices(kept, groups.to(kept.device), signals.num_patches)
+
     def select_in_llm(self, attention: Tensor) -> Tensor:
         """In-LLM selection between layers K-1 and K.
 
@@ -190,6 +241,32 @@ class TokenPruner(nn.Module):
     def hparams(self) -> dict:
         """Flat description for logs and results files."""
         return {"pruner": self.name, "num_tokens": self.num_tokens, "score_dtype": self.score_dtype}
+
+
+def check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:
+    """A pruner's answer must be R distinct in-range indices per sample; anything else is a bug."""
+    if kept.dim() != 2 or kept.dtype not in (torch.int64, torch.int32):
+        raise PrunerError(f"{pruner.name} must return a LongTensor [B, R], got {tuple(kept.shape)} {kept.dtype}")
+    if kept.is_meta:  # shape-only run (FLOP counting): there are no values to check
+        return
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n):
+        raise PrunerError(f"{pruner.name} returned indices outside [0, {n})")
+    sorted_kept = torch.sort(kept, dim=1).values
+    if kept.shape[1] > 1 and bool((sorted_kept[:, 1:] == sorted_kept[:, :-1]).any()):
+        raise PrunerError(f"{pruner.name} returned a repeated index")
+
+
+def check_groups(groups: Tensor, kept: Tensor, pruner: TokenPruner) -> None:
+    """Group labels must align with the kept tokens [B, R] and index into the pruner's `group_names`."""
+    if groups.shape != kept.shape[:2] or groups.dtype not in (torch.int64, torch.int32):
+        raise PrunerError(
+            f"{pruner.name} must return group labels as a LongTensor shaped like its kept tokens "
+            f"{tuple(kept.shape[:2])}, got {tuple(groups.shape)} {groups.dtype}"
+        )
+    if groups.is_meta or not groups.numel():
+        return
+    if int(groups.min()) < 0 or int(groups.max()) >= len(pruner.group_names):
+        raise PrunerError(f"{pruner.name} returned group labels outside [0, {len(pruner.group_names)}) (its group_names)")
 
 
 def top_k_indices(scores: Tensor, k: int, largest: bool = True) -> Tensor:
