@@ -1,6 +1,7 @@
 """Visual-token pruning strategies on one base class, buildable by name."""
 
 from litelvlm.pruners.base import (
+    LLMSelection,
     MissingSignalError,
     PrunerError,
     Signal,
@@ -23,6 +24,7 @@ __all__ = [
     "DivPrune",
     "FastV",
     "FasterVLM",
+    "LLMSelection",
     "LiteLVLM",
     "MissingSignalError",
     "NoPruning",
