@@ -17,9 +17,12 @@ from litelvlm.pruners.vispruner import VisPruner
 from litelvlm.pruners.fastervlm import FasterVLM
 from litelvlm.pruners.divprune import DivPrune
 from litelvlm.pruners.cdpruner import CDPruner
+from litelvlm.pruners.pdrop import PyramidDrop
+from litelvlm.pruners.dart import DART
 
 __all__ = [
     "CDPruner",
+    "DART",
     "ContextOnly",
     "DivPrune",
     "FastV",
@@ -29,6 +32,7 @@ __all__ = [
     "MissingSignalError",
     "NoPruning",
     "PrunerError",
+    "PyramidDrop",
     "RandomPruner",
     "ReversedSimilarity",
     "Signal",
