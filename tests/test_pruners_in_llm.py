@@ -158,6 +158,12 @@ def test_pdrop_kept_indices_equal_the_reference_on_a_padded_batch(deep_tiny_mode
         assert abs(sum(expected) / 32 - form) < 1
 
 
+def test_short_names_build_the_in_llm_pruners():
+    assert type(build_pruner("pdrop", num_tokens=64)) is PyramidDrop and type(build_pruner("dart")) is DART
+    assert build_pruner("pdrop").prune_layers == (8, 16, 24) and build_pruner("dart").prune_layers == (2,)
+    assert build_pruner("pdrop").acts_in_llm and build_pruner("dart").acts_in_llm
+
+
 def test_pdrop_budget_rule_is_the_maintainers_formula():
     # avg = 18 (2 + 6 l + 8 l^2 + 16 l^3) for N = 576, 32 layers, stages at 2/8/16.
     for lam in (0.1, 0.19, 0.5):
