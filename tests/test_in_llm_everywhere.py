@@ -72,3 +72,30 @@ def test_fine_tuning_batches_keep_labels_aligned_with_the_kept_tokens(tiny_model
         rows.append(torch.cat([labels[:image], torch.full((68,), IGNORE_INDEX), labels[image + 1 :]]))
     assert torch.equal(output.labels, torch.stack(rows))
     assert output.lm_logits.shape[:2] == output.labels.shape
+
+
+def test_back_to_back_schedule_layers_see_the_previous_layer_as_it_ran(tiny_model, demo_batch):
+    """At layer 2, `previous` is layer 1 after layer 1's own selection: its input is the shortened sequence."""
+    from litelvlm.pruners import LLMSelection, TokenPruner
+
+    class HalveTwice(TokenPruner):
+        needs_previous_layer = True
+        prune_layers = (1, 2)
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def prune_in_llm(self, context):
+            previous = context.previous
+            self.seen.append((context.index, previous.index, previous.hidden.shape[1], context.hidden.shape[1]))
+            v = context.visual_positions.shape[1]
+            return LLMSelection(torch.arange(v // 2).expand(context.hidden.shape[0], -1), positions="contiguous")
+
+    pruner = HalveTwice()
+    with torch.no_grad(), sam_image_cache(tiny_model):
+        output = tiny_model(demo_batch, pruner)
+    text = demo_batch.input_ids.shape[1] - 1
+    assert pruner.seen == [(1, 0, text + N, text + N), (2, 1, text + N // 2, text + N // 2)]
+    assert output.visual_tokens_per_layer == [N, N // 2, N // 4, N // 4]
+    assert output.llm_kept_indices.tolist() == [list(range(N // 4))] * 2

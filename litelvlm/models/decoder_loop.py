@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.utils.checkpoint
@@ -330,6 +330,11 @@ def run_decoder(
             hidden, state = apply_selection(hidden, state, selection)
             attention_mask = causal_mask(decoder.config, hidden, state["key_mask"])
             position_embeddings = decoder.rotary_emb(hidden, position_ids=state["position_ids"])
+            if keep_previous and index + 1 in schedule:  # the next step reads this layer as it runs: rebuilt
+                context = replace(
+                    context, hidden=hidden, position_ids=state["position_ids"], position_embeddings=position_embeddings,
+                    key_mask=state["key_mask"], visual_positions=state["visual_positions"], visual_ids=state["visual_ids"],
+                )
         previous = context
         visual_counts.append(state["visual_positions"].shape[1])
         lengths.append(hidden.shape[1])
