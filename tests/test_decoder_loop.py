@@ -100,3 +100,39 @@ def test_bad_selections_get_one_line_errors(selection, message):
     hidden, _ = padded_state()
     with pytest.raises(PrunerError, match=message):
         check_selection(selection, 4, hidden, "demo")
+
+
+def test_attention_rows_equal_the_eager_llamas_probabilities_on_a_padded_batch(tiny_model):
+    """`LayerContext.attention_rows` = rows of transformers' eager attention map (causal + padding)."""
+    import copy
+
+    from litelvlm.models.decoder_loop import LayerContext
+
+    decoder = tiny_model.llm.model
+    torch.manual_seed(0)
+    length = 12
+    embeds = torch.randn(2, length, decoder.config.hidden_size)
+    key_mask = torch.tensor([[1] * 9 + [0] * 3, [1] * 12])
+    positions = torch.arange(length).expand(2, length)
+    eager = copy.deepcopy(decoder)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        maps = eager(inputs_embeds=embeds, attention_mask=key_mask, position_ids=positions, output_attentions=True).attentions
+        context = LayerContext(
+            index=1, layer=decoder.layers[1], decoder=decoder, hidden=None, position_ids=positions,
+            position_embeddings=decoder.rotary_emb(embeds, position_ids=positions), key_mask=key_mask,
+            visual_positions=torch.tensor([[2, 3, 4], [2, 3, 4]]), visual_ids=torch.arange(3).expand(2, 3),
+            num_patches=3, input_embeds=embeds, input_key_mask=key_mask, input_visual_positions=None,
+        )
+        context.hidden = decoder.layers[0](
+            embeds, attention_mask=None, position_ids=positions, position_embeddings=context.position_embeddings
+        )  # layer 1's input: SDPA, causal without a mask (padding comes last, so real rows never see it)
+        rows = torch.tensor([[8, 3], [11, 5]])  # each sample's last real token, and an earlier one
+        probs = context.attention_rows(rows, "float32")
+        last = context.last_token_attention("float32")
+    for b in range(2):
+        expected = maps[1][b][:, rows[b]]  # [H, Q, L]
+        torch.testing.assert_close(probs[b], expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(last[b], expected[:, 0].mean(0)[[2, 3, 4]], atol=1e-6, rtol=1e-5)
+    assert bool((probs[0, :, :, 9:] == 0).all())  # padding is never attended
+    assert bool((probs[:, :, 1, 6:] == 0).all())  # causal: row 3 / 5 sees nothing after itself
