@@ -175,7 +175,7 @@ def test_pdrop_budget_rule_is_the_maintainers_formula():
     assert build_pruner("pdrop", num_tokens=192).layers == (2, 8, 16)
 
 
-def test_pdrop_rejects_bad_settings_with_one_line_errors(deep_tiny_model, decoder_inputs, tiny_model, demo_batch):
+def test_pdrop_rejects_bad_settings_with_one_line_errors(tiny_model, demo_batch):
     with pytest.raises(PrunerError, match="either num_tokens"):
         build_pruner("pdrop", num_tokens=192, ratio=0.5)
     with pytest.raises(PrunerError, match="increasing"):

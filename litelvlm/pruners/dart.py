@@ -11,7 +11,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from litelvlm.pruners.base import LLMSelection, PrunerError, ScoreDtype, Signal, TokenPruner, top_k_indices
 from litelvlm.pruners.registry import register_pruner
@@ -97,8 +96,9 @@ class DART(TokenPruner):
         image_pivots = top_k_indices(image_norms.float(), IMAGE_PIVOTS)  # [B, 4] visual indices, by norm
         text_pivots = top_k_indices(text_norms, TEXT_PIVOTS)  # [B, 4] sequence indices, by norm
         pivot_positions = torch.cat([torch.gather(visual, 1, image_pivots), text_pivots], 1)  # [B, 8], fixed order
-        gather = lambda index: torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))  # noqa: E731
-        pivot_states, visual_states = gather(pivot_positions), gather(visual)
+        pivot_states, visual_states = (
+            torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1])) for index in (pivot_positions, visual)
+        )
         per_pivot = math.ceil(max(retained - IMAGE_PIVOTS, 0) / 8) if self.exact_budget else self.num_tokens // 8
         candidate = torch.ones(b, n_visual, dtype=torch.bool, device=visual.device).scatter_(1, image_pivots, False)
         chosen = [image_pivots]
