@@ -77,3 +77,22 @@ def compare_tool():
     sys.modules["compare_tool"] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def deep_tiny_model(tiny_model):
+    """The tiny model with a 32-layer LLM (LLaMA-7B's depth, tiny width): for in-LLM schedules at real layers."""
+    from dataclasses import replace
+
+    from litelvlm.models.lvlm import PixelGroundingLVLM
+
+    config = replace(tiny_model.config, llm=replace(tiny_model.config.llm, num_layers=32))
+    text = tiny_model.text_tower.config
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = PixelGroundingLVLM(config, tiny_model.seg_token_id, (text.bos_token_id, text.eos_token_id, text.pad_token_id))
+    finally:
+        torch.random.set_rng_state(state)
+    model.clip_tokenizer = tiny_model.clip_tokenizer
+    return model.eval()

@@ -106,6 +106,8 @@ CONFIG_CLASSES = {
     "divprune": pruners.DivPrune,
     "cdpruner": pruners.CDPruner,
     "visionzip": pruners.VisionZip,
+    "pdrop": pruners.PyramidDrop,
+    "dart": pruners.DART,
 }
 
 
@@ -116,7 +118,8 @@ def test_pruner_configs_instantiate_through_jsonargparse(config_name):
     config = parser.parse_path(str(CONFIGS / f"{config_name}.yaml"))
     pruner = parser.instantiate(config).model.pruner
     assert type(pruner) is CONFIG_CLASSES[config_name]
-    assert pruner.num_tokens == (None if config_name == "none" else 192)
+    # The PyramidDrop preset is the official layer/ratio setting, not a budget.
+    assert pruner.num_tokens == (None if config_name in ("none", "pdrop") else 192)
 
 
 def test_every_registered_pruner_keeps_exactly_r_distinct_indices_or_r_tokens_of_distinct_patches():

@@ -5,8 +5,11 @@
 The 7B architecture is built on the `meta` device (shapes only: no weights, no memory) and one
 representative sample, one image with the 3-sentence default prompt, goes through the real forward
 under torch's FlopCounterMode, for no pruning and for FastV (both variants), VisPruner, LiteLVLM, FasterVLM,
-DivPrune, CDPruner and VisionZip at 192 and 64 kept tokens. The LLM column is in 10^12 multiply-accumulates of the LLM decoder
-(the published convention); the other columns are FLOPs (2 per multiply-accumulate) per stage.
+DivPrune, CDPruner, VisionZip, PyramidDrop and DART at 192 and 64 kept tokens. The LLM column is in 10^12 multiply-accumulates
+of the LLM decoder (the published convention); the other columns are FLOPs (2 per multiply-accumulate) per stage.
+In-LLM methods change the sequence between layers, so each decoder layer is also counted on its own, on the
+sequence it actually ran (`llm_macs_per_layer` in the JSON; `avg vis` = visual tokens averaged over the layers:
+PyramidDrop's budget, DART's 4 + 8 * (R // 8) from layer 2 on).
 
 The real LLaMA tokenizer is not needed: the prompt is `--text-tokens` ids (126, the length the
 published figures imply) with the image sentinel and 3 [SEG] tokens; with `--checkpoint FOLDER`
@@ -21,6 +24,7 @@ end-to-end milliseconds and peak memory, medians over repetitions after warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -35,6 +39,7 @@ from litelvlm.engine.callbacks.profiler import (
     STAGES,
     StageTimer,
     count_stage_flops,
+    flop_counter,
     kv_cache_bytes,
     llm_kv_geometry,
     observing,
@@ -202,11 +207,41 @@ def sample_batch(config: LVLMConfig, sample: Sample, device: str, dtype: torch.d
     )
 
 
+@contextlib.contextmanager
+def per_layer_macs(model: PixelGroundingLVLM):
+    """Multiply-accumulates of each decoder layer's own run, counted on the sequence it actually ran
+    (hooks around every layer; an in-LLM pruner's scoring between layers is not in any layer).
+    Yields the list, filled in layer order as the forward runs."""
+    macs: list[int] = []
+    counters: list = []
+
+    def enter(module, args, kwargs):
+        counters.append(flop_counter().__enter__())
+
+    def leave(module, args, kwargs, output):
+        counter = counters.pop()
+        counter.__exit__(None, None, None)
+        macs.append(counter.get_total_flops() // 2)
+
+    layers = model.llm.model.layers
+    handles = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in layers]
+    handles += [layer.register_forward_hook(leave, with_kwargs=True) for layer in layers]
+    try:
+        yield macs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def count_row(model: PixelGroundingLVLM, batch: GroundingBatch, strategy: Strategy, sample: Sample) -> dict:
-    """FLOPs by stage, the LLM's multiply-accumulates and KV-cache bytes of one strategy."""
+    """FLOPs by stage, the LLM's multiply-accumulates (in all and per layer) and KV-cache bytes of one strategy.
+
+    `llm_macs` is the decoder stage: every layer on the sequence it ran, plus what an in-LLM pruner
+    computes between layers (`llm_selection_macs`, e.g. FastV's and PyramidDrop's attention rows)."""
     pruner = strategy.build()
     runner = pruner if pruner.acts_in_llm else HostSelection(pruner)
-    output, flops = count_stage_flops(model, lambda: model(batch, runner))
+    with per_layer_macs(model) as layer_macs:
+        output, flops = count_stage_flops(model, lambda: model(batch, runner))
     num_tokens = strategy.num_tokens or model.num_patches
     return {
         "pruner": strategy.pruner,
@@ -214,6 +249,9 @@ def count_row(model: PixelGroundingLVLM, batch: GroundingBatch, strategy: Strate
         "num_tokens": num_tokens,
         "text_tokens": sample.text_tokens,
         "llm_macs": flops["llm_decoder"] // 2,
+        "llm_macs_per_layer": list(layer_macs),
+        "llm_selection_macs": flops["llm_decoder"] // 2 - sum(layer_macs),  # the final norm counts no FLOPs
+        "visual_tokens_per_layer": list(output.visual_tokens_per_layer),
         "total_flops": sum(count for stage, count in flops.items() if stage not in NESTED_STAGES),
         "flops_by_stage": flops,
         "kv_cache_bytes": kv_cache_bytes(output.sequence_length_per_layer, *llm_kv_geometry(model)),
@@ -268,7 +306,7 @@ def format_table(rows: list[dict]) -> str:
     """The paper-style table and the per-stage FLOPs behind it."""
     stages = [stage for stage in STAGES if any(stage in row["flops_by_stage"] for row in rows)]
     timed = all("cuda_prefill_ms" in row for row in rows)
-    header = f"{'strategy':<16}{'tokens':>7}{'LLM 1e12 MAC':>14}{'published':>11}{'total TFLOP':>13}{'KV MiB':>9}"
+    header = f"{'strategy':<16}{'tokens':>7}{'avg vis':>8}{'LLM 1e12 MAC':>14}{'published':>11}{'total TFLOP':>13}{'KV MiB':>9}"
     if timed:
         header += f"{'prefill ms':>12}{'CUDA ms':>10}{'peak GiB':>10}"
     lines = [header, "-" * len(header)]
@@ -276,7 +314,8 @@ def format_table(rows: list[dict]) -> str:
         label = f"{row['pruner']}-{row['mode']}" if row["mode"] else row["pruner"]
         published = row["published_llm_tmacs"]
         line = (
-            f"{label:<16}{row['num_tokens']:>7}{row['llm_macs'] / 1e12:>14.2f}"
+            f"{label:<16}{row['num_tokens']:>7}{statistics.fmean(row['visual_tokens_per_layer']):>8.1f}"
+            f"{row['llm_macs'] / 1e12:>14.2f}"
             f"{'' if published is None else f'{published:.2f}':>11}{row['total_flops'] / 1e12:>13.2f}"
             f"{row['kv_cache_bytes'] / 2**20:>9.0f}"
         )

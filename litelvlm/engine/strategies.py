@@ -27,8 +27,8 @@ class Strategy:
 
 
 def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[Strategy]:
-    """No pruning, then FastV (both variants), VisPruner, LiteLVLM and the pre-LLM baselines FasterVLM,
-    DivPrune, CDPruner and VisionZip at every budget."""
+    """No pruning, then FastV (both variants), VisPruner, LiteLVLM, the pre-LLM baselines FasterVLM,
+    DivPrune, CDPruner and VisionZip, and the in-LLM baselines PyramidDrop and DART at every budget."""
     rows = [Strategy("none", baseline_tokens)]
     for budget in budgets:
         rows += [
@@ -40,5 +40,7 @@ def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[S
             Strategy("divprune", budget),
             Strategy("cdpruner", budget),
             Strategy("visionzip", budget),
+            Strategy("pdrop", budget),
+            Strategy("dart", budget),
         ]
     return rows

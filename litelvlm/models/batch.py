@@ -57,7 +57,11 @@ class GroundingOutput:
     # [B, R, N] bool, pre-LLM pruners: the patches each visual token stands for (a kept patch: itself; a
     # merged token: its members; [CLS]: none), in the order fed to the LLM.
     token_members: Tensor | None = None
-    llm_kept_indices: Tensor | None = None  # [B, R] patch indices an in-LLM pruner kept from layer K on, ascending
+    # In-LLM pruners: [B, V] the patch index of each visual token the LAST layer saw, in sequence
+    # order (kept patches ascending, then -1 per merged token); `llm_visual_patches` [B, V, N] bool
+    # gives the patches each of those tokens stands for, set only once a merge happened.
+    llm_kept_indices: Tensor | None = None
+    llm_visual_patches: Tensor | None = None
     # Training batches only (GroundingBatch.labels set): [B, L', V] LM logits over the sequence the LLM
     # finally ran on (L' = L - 1 + R, less what an in-LLM pruner dropped) and the labels aligned with it.
     lm_logits: Tensor | None = None

@@ -11,14 +11,11 @@ The pre-LLM hooks (signals, reduction, projection, splice) are in `models/visual
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 from transformers import (
     CLIPTextConfig,
@@ -33,18 +30,15 @@ from transformers import (
     SamPromptEncoderConfig,
     SamVisionConfig,
 )
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from litelvlm.errors import LitelvlmError
-from litelvlm.models import visual_reduction
+from litelvlm.models import decoder_loop, visual_reduction
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
 from litelvlm.models.tokenizer import tokenize_questions
 from litelvlm.models.vision_signals import run_vision_layers
 from litelvlm.models.visual_reduction import IMAGE_TOKEN_INDEX, text_key  # noqa: F401 (IMAGE_TOKEN_INDEX: imported from here)
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
-from litelvlm.pruners.base import check_kept as _check_kept
 
 
 def clip_vision_config(config: LVLMConfig) -> CLIPVisionConfig:
@@ -275,116 +269,18 @@ class PixelGroundingLVLM(nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def run_decoder(self, inputs: dict[str, Tensor], pruner: TokenPruner) -> tuple[Tensor, dict]:
-        """The LLaMA decoder, one layer at a time, so that an in-LLM pruner can act between layers."""
+        """The LLaMA decoder with the pruner's in-LLM schedule: `litelvlm/models/decoder_loop.py`."""
         self._require_grounding_parts("run_decoder")
-        decoder = self.llm.model
-        state = dict(inputs)
-        prune_layer = pruner.prune_layer if pruner.acts_in_llm else None
-        if prune_layer is not None and not 1 <= prune_layer < len(decoder.layers):
-            raise PrunerError(
-                f"{pruner.name}: layer K={prune_layer} must be in [1, {len(decoder.layers) - 1}] for this LLM"
-            )
-        attention_mask = _causal_mask(decoder.config, state["embeds"], state["key_mask"])
-        position_embeddings = decoder.rotary_emb(state["embeds"], position_ids=state["position_ids"])
-        hidden = state.pop("embeds")
-        visual_counts, lengths = [], []
-        last_token_attention = None
-        llm_kept = None
-        for index, layer in enumerate(decoder.layers):
-            if index == prune_layer:
-                kept = pruner.select_in_llm(last_token_attention)
-                _check_kept(kept, state["visual_positions"].shape[1], pruner)
-                llm_kept = torch.sort(kept, dim=1).values  # the visual tokens layers K.. see, in sequence order
-                hidden, state = self._drop_visual_tokens(hidden, state, kept, getattr(pruner, "mode", "inplace"))
-                attention_mask = _causal_mask(decoder.config, hidden, state["key_mask"])
-                position_embeddings = decoder.rotary_emb(hidden, position_ids=state["position_ids"])
-            if index == (prune_layer or 0) - 1:
-                last_token_attention = self._last_token_attention(
-                    layer, hidden, position_embeddings, state["key_mask"], state["visual_positions"], pruner.score_dtype
-                )
-            visual_counts.append(state["visual_positions"].shape[1])
-            lengths.append(hidden.shape[1])
-            run_layer = layer
-            # By hand: transformers' gradient checkpointing acts only on layers in train mode; these stay in eval.
-            if self.activation_checkpointing and torch.is_grad_enabled():  # fine-tuning: recompute in backward
-                run_layer = functools.partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
-            hidden = run_layer(
-                hidden,
-                attention_mask=attention_mask,
-                position_ids=state["position_ids"],
-                position_embeddings=position_embeddings,
-            )
-        hidden = decoder.norm(hidden)
-        return hidden, {"seg_mask": state["seg_mask"], "visual_counts": visual_counts, "lengths": lengths,
-                        "llm_kept": llm_kept, "labels": state.get("labels")}
+        return decoder_loop.run_decoder(
+            self.llm.model, inputs, pruner, self.num_patches, activation_checkpointing=self.activation_checkpointing
+        )
 
     @staticmethod
     def _drop_visual_tokens(hidden: Tensor, state: dict, kept: Tensor, mode: str) -> tuple[Tensor, dict]:
-        """Apply an in-LLM selection: remove the other visual tokens (`inplace`) or hide them (`mask`).
+        """FastV's selection applied by the schedule: `inplace` removes, `mask` hides; original positions."""
+        return decoder_loop.apply_selection(hidden, state, decoder_loop.LLMSelection(kept, "original", mode=mode))
 
-        `inplace` gathers every per-token tensor, positions included, so each kept token keeps its
-        original position id and order (the FastV reference) and [SEG] prompt positions move with
-        their tokens. `mask` leaves the sequence as it is and masks the dropped tokens as keys.
-        """
-        visual_positions = state["visual_positions"]
-        b, n_visual = visual_positions.shape
-        kept = torch.sort(kept, dim=1).values
-        keep_visual = torch.zeros(b, n_visual, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
-        dropped = _ascending_indices_where(~keep_visual, n_visual - kept.shape[1])
-        dropped_positions = torch.gather(visual_positions, 1, dropped)
-        kept_positions = torch.gather(visual_positions, 1, kept)
-        state = dict(state)
-        if mode == "mask":
-            state["key_mask"] = state["key_mask"].clone().scatter_(1, dropped_positions, 0)
-            state["visual_positions"] = kept_positions
-            return hidden, state
-        if mode != "inplace":
-            raise PrunerError(f"unknown in-LLM pruning mode {mode!r} (expected 'inplace' or 'mask')")
-        keep = torch.ones_like(state["key_mask"], dtype=torch.bool).scatter_(1, dropped_positions, False)
-        order = _ascending_indices_where(keep, keep.shape[1] - dropped_positions.shape[1])
-        hidden = torch.gather(hidden, 1, order[..., None].expand(-1, -1, hidden.shape[-1]))
-        for name in ("key_mask", "position_ids", "seg_mask", "labels"):  # labels: training only
-            if name in state:
-                state[name] = torch.gather(state[name], 1, order)
-        state["visual_positions"] = torch.searchsorted(order, kept_positions)
-        return hidden, state
-
-    @staticmethod
-    def _last_token_attention(
-        layer: nn.Module,
-        hidden: Tensor,
-        position_embeddings: tuple[Tensor, Tensor],
-        key_mask: Tensor,
-        visual_positions: Tensor,
-        score_dtype: str = "float32",
-    ) -> Tensor:
-        """Head-averaged attention of each sample's last real token over the visual positions, at `layer`.
-
-        Computed from the layer's own q/k projections for one query row, so the LLM keeps its fast
-        attention kernel and no full attention map is materialised. `model`: as FastV's reference
-        eager LLaMA attention (q.k / sqrt(head_dim) in the LLM's dtype, softmax in float32 cast back,
-        head mean in the LLM's dtype); `float32`: q and k upcast, everything in float32.
-        """
-        attn = layer.self_attn
-        b = hidden.shape[0]
-        normed = layer.input_layernorm(hidden)
-        last = (key_mask.long() * torch.arange(key_mask.shape[1], device=key_mask.device)).argmax(1)  # [B]
-        rows = torch.arange(b, device=hidden.device)
-        head_dim = attn.head_dim
-        query = attn.q_proj(normed[rows, last][:, None]).view(b, 1, -1, head_dim).transpose(1, 2)
-        key = attn.k_proj(normed).view(b, hidden.shape[1], -1, head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, _ = apply_rotary_pos_emb(query, query, cos[rows, last][:, None], sin[rows, last][:, None])
-        _, key = apply_rotary_pos_emb(key, key, cos, sin)
-        key = repeat_kv(key, attn.num_key_value_groups)
-        masked = ~key_mask.bool()[:, None, None, :]
-        if score_dtype == "model":
-            scores = (query @ key.transpose(-1, -2)) / math.sqrt(head_dim)  # [B, H, 1, L]
-            probs = scores.masked_fill(masked, float("-inf")).softmax(-1, dtype=torch.float32).to(query.dtype)
-        else:
-            scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scaling
-            probs = scores.masked_fill(masked, float("-inf")).softmax(-1)
-        return torch.gather(probs.mean(1)[:, 0], 1, visual_positions)  # [B, N]
+    _last_token_attention = staticmethod(decoder_loop.last_token_attention)
 
     # ------------------------------------------------------------------ SAM
     def encode_sam_image(self, sam_pixel_values: Tensor) -> Tensor:
@@ -520,6 +416,7 @@ class PixelGroundingLVLM(nn.Module):
             kept_groups=groups if reduction is None else reduction.groups,
             group_names=tuple(pruner.group_names),
             llm_kept_indices=llm_kept_indices,
+            llm_visual_patches=trace["llm_visual_patches"],
             visual_tokens_per_layer=trace["visual_counts"],
             sequence_length_per_layer=trace["lengths"],
             seg_hidden_states=seg_states,
@@ -557,18 +454,3 @@ def _all_patches(patch_features: Tensor) -> Tensor:
     """[B, N] indices 0..N-1: what an in-LLM pruner's LLM is fed (every patch, in raster order)."""
     b, n = patch_features.shape[:2]
     return torch.arange(n, device=patch_features.device).expand(b, n)
-
-
-def _ascending_indices_where(mask: Tensor, count: int) -> Tensor:
-    """Column indices of the True entries of each row of `mask` [B, L], ascending: [B, count].
-
-    Every row must hold exactly `count` Trues. A stable sort rather than `nonzero`, so that the
-    output shape does not depend on the values and the code also runs on the meta device.
-    """
-    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count].contiguous()
-
-
-def _causal_mask(config, hidden: Tensor, key_mask: Tensor):
-    """The decoder's causal + padding mask. On meta (FLOP counting) the padding has no values, so
-    the mask is the plain causal one: attention costs the same either way."""
-    return create_causal_mask(config, hidden, None if hidden.is_meta else key_mask, cache=None)

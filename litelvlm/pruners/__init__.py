@@ -1,6 +1,7 @@
 """Visual-token pruning strategies on one base class, buildable by name."""
 
 from litelvlm.pruners.base import (
+    LLMSelection,
     MissingSignalError,
     PrunerError,
     Signal,
@@ -18,17 +19,22 @@ from litelvlm.pruners.fastervlm import FasterVLM
 from litelvlm.pruners.divprune import DivPrune
 from litelvlm.pruners.cdpruner import CDPruner
 from litelvlm.pruners.visionzip import VisionZip
+from litelvlm.pruners.pdrop import PyramidDrop
+from litelvlm.pruners.dart import DART
 
 __all__ = [
     "CDPruner",
+    "DART",
     "ContextOnly",
     "DivPrune",
     "FastV",
     "FasterVLM",
+    "LLMSelection",
     "LiteLVLM",
     "MissingSignalError",
     "NoPruning",
     "PrunerError",
+    "PyramidDrop",
     "RandomPruner",
     "ReversedSimilarity",
     "Signal",

@@ -2,8 +2,10 @@
 
 A pruner declares the signals it needs (`required_signals`); the model computes exactly those and
 nothing else. Pre-LLM pruners implement `select(signals)` and return kept patch indices. In-LLM
-pruners set `prune_layer = K` and implement `select_in_llm(attention)`: the model calls it between
-decoder layers K-1 and K and does the dropping (or masking) itself.
+pruners list the decoder layers they act before (`prune_layers`; a one-layer method may set
+`prune_layer = K`) and implement `prune_in_llm(context)`: before each of those layers the decoder
+loop (`litelvlm/models/decoder_loop.py`) hands them a `LayerContext` and applies the
+`LLMSelection` they return (dropping, masking or merging tokens, and renumbering positions).
 
 Scores are computed in the precision `score_dtype` names: `model` (default) in the dtype the model
 runs in, op for op as each method's reference does; `float32` upcasts first (docs/pruners.md).
@@ -120,6 +122,33 @@ class VisualReduction:
         return VisualReduction(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
 
 
+PositionRule = Literal["contiguous", "original"]  # an in-LLM selection's position rule
+SelectionMode = Literal["inplace", "mask"]
+
+
+@dataclass
+class LLMSelection:
+    """A pruner's answer at one schedule layer.
+
+    keep: LongTensor [B, R], indices into the CURRENT visual tokens (0..V-1, `LayerContext.visual_ids`
+        order), any order; the kept tokens stay in sequence order.
+    positions: `contiguous` renumbers the rebuilt sequence 0..L'-1; `original` keeps every token's
+        current position id (gaps where tokens left).
+    merged: optional [B, M, h] new visual tokens, placed right after the kept visual tokens
+        (contiguous positions only); counted as visual tokens from then on.
+    merged_members: optional bool [B, M, V]: the current visual tokens each merged token stands for
+        (records and the visualiser draw it over those patches).
+    mode: `inplace` removes the other visual tokens; `mask` keeps them in the sequence and masks
+        them as keys (FastV's mask variant; `original` positions, no merged tokens).
+    """
+
+    keep: Tensor
+    positions: PositionRule = "contiguous"
+    merged: Tensor | None = None
+    merged_members: Tensor | None = None
+    mode: SelectionMode = "inplace"
+
+
 KeptOrder = Literal["reference", "raster"]
 PositionIds = Literal["contiguous", "original"]
 ScoreDtype = Literal["model", "float32"]
@@ -144,8 +173,11 @@ class TokenPruner(nn.Module):
     short_name: ClassVar[str] = ""
     # The labels `select_with_groups` indexes into; one group unless a method tells its rules apart.
     group_names: ClassVar[tuple[str, ...]] = ("kept",)
-    # Pre-LLM pruners leave this None; in-LLM pruners set the layer index K they act before.
+    # Pre-LLM pruners leave this None; a one-layer in-LLM pruner sets the layer index K it acts before.
     prune_layer: int | None = None
+    # An in-LLM pruner that reads layer K-1 (its input, keys or output) before layer K sets this:
+    # its context's `previous` is then layer K-1's context.
+    needs_previous_layer: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -189,8 +221,13 @@ class TokenPruner(nn.Module):
         return self.short_name or type(self).__name__
 
     @property
+    def prune_layers(self) -> tuple[int, ...]:
+        """The decoder layers this pruner acts before (empty: it acts before the LLM)."""
+        return () if self.prune_layer is None else (self.prune_layer,)
+
+    @property
     def acts_in_llm(self) -> bool:
-        return self.prune_layer is not None
+        return bool(self.prune_layers)
 
     def budget(self, num_patches: int) -> int:
         """R for N patches, checked: 1 <= R <= N (None keeps all N)."""
@@ -230,6 +267,11 @@ class TokenPruner(nn.Module):
         `attention` is [B, N]: layer K-1's head-averaged attention of the last token over the visual
         positions. Returns kept visual-token indices LongTensor[B, R].
         """
+        raise NotImplementedError(f"{type(self).__name__} does not act inside the LLM")
+
+    def prune_in_llm(self, context):
+        """In-LLM step before layer `context.index` (one of `prune_layers`): an `LLMSelection` of the
+        current visual tokens (`litelvlm/models/decoder_loop.py`)."""
         raise NotImplementedError(f"{type(self).__name__} does not act inside the LLM")
 
     def extra_repr(self) -> str:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from litelvlm.pruners.base import PrunerError, ScoreDtype, Signal, TokenPruner, top_k_indices
+from litelvlm.pruners.base import LLMSelection, PrunerError, ScoreDtype, Signal, TokenPruner, top_k_indices
 from litelvlm.pruners.registry import register_pruner
 
 FastVMode = Literal["inplace", "mask"]
@@ -16,8 +16,9 @@ FastVMode = Literal["inplace", "mask"]
 class FastV(TokenPruner):
     """FastV: layers 0..K-1 see every visual token; layers K.. see the top-R by attention.
 
-    The model computes layer K-1's head-averaged attention of the last token over the visual
-    positions and calls `select_in_llm`; it then removes (`inplace`) or masks (`mask`) the rest.
+    On the in-LLM schedule (one layer, K): the last real token's head-averaged attention over the
+    visual positions is computed at layer K-1 (the context's `previous`), `select_in_llm` ranks it,
+    and the decoder loop removes (`inplace`) or masks (`mask`) the rest.
     In both modes kept tokens stay in their original order with their original position ids, as
     the reference does, so `kept_order`/`position_ids` are fixed to `raster`/`original`.
 
@@ -28,6 +29,8 @@ class FastV(TokenPruner):
         score_dtype: see `TokenPruner`; the model computes the attention row with it. `model`: q.k
             and the head mean in the LLM's dtype, the softmax in float32 cast back, as the reference.
     """
+
+    needs_previous_layer = True  # the attention row is layer K-1's
 
     def __init__(
         self, num_tokens: int = 192, layer: int = 2, mode: FastVMode = "inplace", score_dtype: ScoreDtype = "model"
@@ -58,6 +61,11 @@ class FastV(TokenPruner):
             raise PrunerError(f"FastV expects attention of shape [B, N], got {tuple(attention.shape)}")
         budget = self.budget(attention.shape[-1])
         return top_k_indices(attention.float(), budget, largest=True).sort(dim=-1).values
+
+    def prune_in_llm(self, context) -> LLMSelection:
+        """Layer K-1's last-token attention row, ranked by `select_in_llm`; original positions."""
+        row = context.previous.last_token_attention(self.score_dtype)
+        return LLMSelection(self.select_in_llm(row), positions="original", mode=self.mode)
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, layer={self.prune_layer}, mode={self.mode}, score_dtype={self.score_dtype}"
