@@ -300,10 +300,8 @@ class SparseVLM(TokenPruner):
         members.scatter_(2, pruned[:, None, :].expand(-1, merged.shape[1], -1), membership)
         return LLMSelection(kept, positions="contiguous", merged=merged, merged_members=members)
 
-    @property
-    def group_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        """One group: the visual tokens the last layer sees (kept, and merged drawn over their members)."""
-        return ("kept to the last layer",)
+    # The tokens the last layer sees: kept patches, and recycled (merged) tokens drawn over their members.
+    group_names = ("kept", "recycled")
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, layers={list(self.layers)}, score_dtype={self.score_dtype}"
