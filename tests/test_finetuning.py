@@ -32,7 +32,7 @@ from litelvlm.engine.scores import score_masks
 from litelvlm.models.batch import IGNORE_INDEX
 from litelvlm.models.loading import load_lvlm
 from litelvlm.models.lvlm import IMAGE_TOKEN_INDEX, PixelGroundingLVLM
-from litelvlm.pruners import FastV, LiteLVLM
+from litelvlm.pruners import FastV, LiteLVLM, SparseVLM
 
 REPO = Path(__file__).resolve().parents[1]
 R = 16
@@ -174,6 +174,24 @@ def test_prune_during_training_off_trains_on_every_visual_token(tiny_model, trai
 
 
 # ---------------------------------------------------------------------------- model pieces under LoRA
+def test_sparsevlm_labels_follow_the_merged_sequence_and_the_loss_reaches_the_llm(tiny_model, train_batch):
+    """Kept and merged visual slots are ignored, the text keeps its labels; the loss backpropagates (fit)."""
+    layer = tiny_model.llm.model.layers[0].mlp.down_proj.weight
+    with sam_image_cache(tiny_model):
+        layer.requires_grad_(True)
+        try:
+            output = tiny_model(train_batch, SparseVLM(num_tokens=64, layers=[0, 1, 2]))
+            real = output.labels != IGNORE_INDEX
+            torch.nn.functional.cross_entropy(output.lm_logits[real], output.labels[real]).backward()
+            grad = layer.grad
+        finally:
+            layer.requires_grad_(False)
+            layer.grad = None
+    assert output.visual_tokens_per_layer == [576, 82, 32, 18]
+    assert torch.equal(output.labels, spliced_labels(train_batch, 18))
+    assert grad is not None and bool(grad.abs().sum() > 0)
+
+
 def test_fastv_attention_goes_through_the_lora_adapter(train_batch):
     """FastV's last-token attention calls q_proj: with an adapter it must see W + scale * B A."""
     model = load_lvlm("tiny-glamm", seed=0)

@@ -12,14 +12,15 @@ from litelvlm.data.datamodule import ReferringDataModule
 from litelvlm.engine.finetuning import FineTuning, training_losses
 from litelvlm.models.batch import IGNORE_INDEX
 from litelvlm.models.lvlm import IMAGE_TOKEN_INDEX
-from litelvlm.pruners import DART, PyramidDrop
+from litelvlm.pruners import DART, PyramidDrop, SparseVLM
 
 N = 576
 
 
 def in_llm_pruners():
     # The 4-layer tiny LLM has no layer 8: PyramidDrop's explicit form at layers 1/2/3 (576 -> 288 -> 144 -> 72).
-    return {"pdrop": PyramidDrop(layers=[1, 2, 3], ratio=0.5), "dart": DART(num_tokens=64)}
+    return {"pdrop": PyramidDrop(layers=[1, 2, 3], ratio=0.5), "dart": DART(num_tokens=64),
+            "sparsevlm": SparseVLM(num_tokens=64, layers=[0, 1, 2])}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,8 @@ def test_one_pass_sweep_equals_separate_runs(tiny_model, demo_batch, separate_ru
         assert output.visual_tokens_per_layer == alone.visual_tokens_per_layer
     assert swept["pdrop"].visual_tokens_per_layer == [576, 288, 144, 72]
     assert swept["dart"].visual_tokens_per_layer == [576, 576, 68, 68]
+    assert swept["sparsevlm"].visual_tokens_per_layer == [576, 82, 32, 18]
+    assert torch.equal(swept["sparsevlm"].llm_visual_patches, separate_runs["sparsevlm"].llm_visual_patches)
 
 
 def test_the_visualiser_draws_the_tokens_that_reach_the_last_layer(tiny_model, demo_batch):

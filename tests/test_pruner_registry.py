@@ -108,6 +108,7 @@ CONFIG_CLASSES = {
     "visionzip": pruners.VisionZip,
     "pdrop": pruners.PyramidDrop,
     "dart": pruners.DART,
+    "sparsevlm": pruners.SparseVLM,
 }
 
 

@@ -22,6 +22,7 @@ from litelvlm.analysis.retention import (
     four_panel_figure,
     original_view,
     patch_boxes_on_original,
+    retained,
     retention_overlay,
     token_pixels,
     tokens_on_original,
@@ -85,6 +86,32 @@ def test_overlay_draws_a_merged_token_over_its_members_and_a_token_of_no_patch_n
         expected = 0.5 * PRUNED_BRIGHTNESS if colour is None else (
             0.5 * (1 - KEPT_FILL_ALPHA) + np.array(to_rgb(colour)) * KEPT_FILL_ALPHA)
         np.testing.assert_allclose(cell, np.broadcast_to(expected, (2, 2, 3)))
+
+
+def test_tokens_merged_inside_the_llm_are_read_as_their_member_patches_and_drawn_over_them():
+    from matplotlib.colors import to_rgb
+
+    from litelvlm.models.batch import GroundingOutput
+
+    # The last layer saw patch 1, then two tokens merged inside the LLM (SparseVLM's recycled tokens,
+    # id -1, group 1) standing for patches {0, 3} and {5}.
+    patches = torch.zeros(1, 3, 6, dtype=torch.bool)
+    patches[0, 0, 1] = patches[0, 1, 0] = patches[0, 1, 3] = patches[0, 2, 5] = True
+    output = GroundingOutput(mask_logits=[], kept_indices=None, visual_tokens_per_layer=[6, 3],
+                             sequence_length_per_layer=[9, 6], kept_groups=torch.tensor([[0, 1, 1]]),
+                             group_names=("kept", "recycled"), llm_kept_indices=torch.tensor([[1, -1, -1]]),
+                             llm_visual_patches=patches)
+    tokens, groups, where = retained(output, 0)
+    assert (tokens, groups, where) == ([[1], [0, 3], [5]], [0, 1, 1], "inside the LLM")
+    overlay = retention_overlay(np.full((4, 6, 3), 0.5), tokens, groups, (2, 3))
+    for index, colour in ((1, "tab:orange"), (0, "tab:cyan"), (3, "tab:cyan"), (5, "tab:cyan"), (2, None), (4, None)):
+        row, col = divmod(index, 3)
+        expected = 0.5 * PRUNED_BRIGHTNESS if colour is None else (
+            0.5 * (1 - KEPT_FILL_ALPHA) + np.array(to_rgb(colour)) * KEPT_FILL_ALPHA)
+        np.testing.assert_allclose(overlay[2 * row : 2 * row + 2, 2 * col : 2 * col + 2], np.broadcast_to(expected, (2, 2, 3)))
+    without = GroundingOutput(mask_logits=[], kept_indices=None, visual_tokens_per_layer=[6], sequence_length_per_layer=[9],
+                              kept_groups=torch.zeros(1, 2, dtype=torch.long), llm_kept_indices=torch.tensor([[1, 4]]))
+    assert retained(without, 0)[0] == [[1], [4]]
 
 
 def test_a_patch_lands_on_its_pixels_of_the_original_frame():

@@ -5,8 +5,9 @@
 The 7B architecture is built on the `meta` device (shapes only: no weights, no memory) and one
 representative sample, one image with the 3-sentence default prompt, goes through the real forward
 under torch's FlopCounterMode, for no pruning and for FastV (both variants), VisPruner, LiteLVLM, FasterVLM,
-DivPrune, CDPruner, VisionZip, PyramidDrop and DART at 192 and 64 kept tokens. The LLM column is in 10^12 multiply-accumulates
-of the LLM decoder (the published convention); the other columns are FLOPs (2 per multiply-accumulate) per stage.
+DivPrune, CDPruner, VisionZip, PyramidDrop, DART and SparseVLM at 192 and 64 kept tokens (SparseVLM: its equivalent
+budget). The LLM column is in 10^12 multiply-accumulates of the LLM decoder (the published convention); the
+other columns are FLOPs (2 per multiply-accumulate) per stage.
 In-LLM methods change the sequence between layers, so each decoder layer is also counted on its own, on the
 sequence it actually ran (`llm_macs_per_layer` in the JSON; `avg vis` = visual tokens averaged over the layers:
 PyramidDrop's budget, DART's 4 + 8 * (R // 8) from layer 2 on).

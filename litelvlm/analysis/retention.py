@@ -3,8 +3,8 @@
 Two layouts. `three`: one panel per (sample, sentence, configuration): the CLIP-branch view of the
 image (the crop the pruner saw) with every kept patch filled and outlined in its group's colour
 (LiteLVLM: similarity-aware / context-aware; VisPruner: important / diverse; FastV: kept at layer
-K; VisionZip: dominant / contextual, a merged token's member patches filled in its colour, outlined
-dashed, with a dot at their centre) and the pruned patches dimmed; beside it the predicted and the ground-truth mask on the original
+K; VisionZip: dominant / contextual; SparseVLM: kept / recycled; a merged token's member patches filled in its
+colour, outlined dashed, with a dot at their centre) and the pruned patches dimmed; beside it the predicted and the ground-truth mask on the original
 image. `four` (the paper's figure, the default for LiteLVLM and its ablations): one figure per
 (sample, configuration), one row per sentence titled by it: the input image, the first group's
 tokens (similarity-aware), the second group's (context-aware), the output mask, with the tokens
@@ -145,8 +145,11 @@ def retained(output: GroundingOutput, b: int) -> tuple[list[list[int]], list[int
         where = "before the LLM"
     elif output.kept_indices is not None:
         tokens, where = [[i] for i in output.kept_indices[b].tolist()], "before the LLM"
-    elif output.llm_kept_indices is not None:
-        tokens, where = [[i] for i in output.llm_kept_indices[b].tolist()], "inside the LLM"
+    elif output.llm_kept_indices is not None:  # a token merged inside the LLM (id -1): its member patches
+        patches = output.llm_visual_patches
+        tokens = [[i] if i >= 0 else patches[b, v].nonzero().flatten().tolist()
+                  for v, i in enumerate(output.llm_kept_indices[b].tolist())]
+        where = "inside the LLM"
     else:
         raise StudyError("the model's output records no kept tokens (no token_members, kept_indices or llm_kept_indices)")
     if output.kept_groups is None:

@@ -28,7 +28,7 @@ class Strategy:
 
 def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[Strategy]:
     """No pruning, then FastV (both variants), VisPruner, LiteLVLM, the pre-LLM baselines FasterVLM,
-    DivPrune, CDPruner and VisionZip, and the in-LLM baselines PyramidDrop and DART at every budget."""
+    DivPrune, CDPruner and VisionZip, and the in-LLM baselines PyramidDrop, DART and SparseVLM at every budget."""
     rows = [Strategy("none", baseline_tokens)]
     for budget in budgets:
         rows += [
@@ -42,5 +42,6 @@ def efficiency_strategies(budgets, baseline_tokens: int | None = None) -> list[S
             Strategy("visionzip", budget),
             Strategy("pdrop", budget),
             Strategy("dart", budget),
+            Strategy("sparsevlm", budget),
         ]
     return rows

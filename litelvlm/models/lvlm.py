@@ -408,7 +408,9 @@ class PixelGroundingLVLM(nn.Module):
         llm_kept_indices = groups = None  # an in-LLM pruner's groups are set once the LLM has selected
         if trace["llm_kept"] is not None:  # an in-LLM pruner was fed all N patches in order: positions = indices
             llm_kept_indices = trace["llm_kept"]
-            groups = torch.zeros_like(llm_kept_indices)  # an in-LLM selection is one group
+            # One group, or for a pruner that names two (SparseVLM: kept, recycled) the merged tokens (id -1) in the second.
+            merged = llm_kept_indices < 0
+            groups = merged.long() if len(pruner.group_names) > 1 else torch.zeros_like(llm_kept_indices)
         return GroundingOutput(
             mask_logits=mask_logits,
             kept_indices=None if reduction is None else reduction.kept,  # None for merged tokens too

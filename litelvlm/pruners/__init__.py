@@ -21,6 +21,7 @@ from litelvlm.pruners.cdpruner import CDPruner
 from litelvlm.pruners.visionzip import VisionZip
 from litelvlm.pruners.pdrop import PyramidDrop
 from litelvlm.pruners.dart import DART
+from litelvlm.pruners.sparsevlm import SparseVLM
 
 __all__ = [
     "CDPruner",
@@ -39,6 +40,7 @@ __all__ = [
     "ReversedSimilarity",
     "Signal",
     "SimilarityOnly",
+    "SparseVLM",
     "TokenPruner",
     "VisPruner",
     "VisionZip",
