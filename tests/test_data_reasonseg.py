@@ -135,3 +135,38 @@ def test_prompts_follow_lisa_validation():
     short = build_reasonseg_prompt("Fridge", False)
     assert "USER: <im_start><image><im_end>\n What is Fridge in this image? Please output segmentation mask." in short.text
     assert short.questions == ["What is Fridge in this image? Please output segmentation mask."]
+
+
+def test_prepare_data_lists_each_problem_in_one_line(tmp_path, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data_reasonseg", tool)
+    prepare_data = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = prepare_data  # dataclasses resolve their module by name
+    try:
+        spec.loader.exec_module(prepare_data)
+        folder = generate_synthetic_reasonseg(tmp_path, {"val": 4})
+        assert prepare_data.main([str(tmp_path), "--dataset", "reasonseg"]) == 0
+        out = capsys.readouterr().out
+        assert "found ReasonSeg val: 4 images, 2 short and 3 long queries" in out
+        assert "ReasonSeg val holds 4 images; the release has 200" in out
+        val = folder / "val"
+        (val / "synthetic_val_0000.json").unlink()
+        (val / "synthetic_val_0001.jpg").write_bytes(b"not a jpeg")
+        raw = json.loads((val / "synthetic_val_0002.json").read_text())
+        raw["shapes"][0]["points"][0] = [-5, 3]
+        (val / "synthetic_val_0002.json").write_text(json.dumps(raw))
+        (val / "extra.json").write_text("{}")
+        assert prepare_data.main([str(folder), "--dataset", "reasonseg", "--split", "val", "--split", "test"]) == 1
+        out = capsys.readouterr().out
+        problems = [line for line in out.splitlines() if line.startswith("  - ")]
+        assert len(problems) == 5, out
+        assert "synthetic_val_0000.json: missing" in out and "synthetic_val_0001.jpg: unreadable" in out
+        assert "synthetic_val_0002.json: shape 0 ('target') has points outside" in out
+        assert "extra.json: no image extra.jpg beside it" in out and "but not 'test'" in out
+        assert "found ReasonSeg val: 4 images" in out  # the rest of the split was still read
+    finally:
+        sys.modules.pop(spec.name, None)
