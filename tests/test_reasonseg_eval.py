@@ -149,3 +149,49 @@ def test_two_process_ddp_matches_one_process(folder, one_process, tmp_path):
     assert multi["giou"] == pytest.approx(single["giou"], abs=1e-6)
     rows = read_records(found.parent).to_pylist()
     assert sorted(row["sample_id"] for row in rows) == list(range(5))  # every image scored exactly once
+
+
+def test_compare_reports_each_query_kind_from_the_records(compare_tool, tmp_path, capsys):
+    """Hand-made records: short A (2/4); long B (3/6) and C (1/1). Each kind is its own split row."""
+    import pyarrow as pa
+
+    from litelvlm.engine.records import SCHEMA, PartWriter, build_manifest, write_manifest
+
+    masks = [("A", False, 2, 4), ("B", True, 3, 6), ("C", True, 1, 1)]
+    rows = [
+        {"split": "reasonseg/val", "sample_id": number, "image_id": image, "sentence_id": f"{image}:0", "mask_index": 0,
+         "configuration": "none", "intersection": i, "union": u, "retained_tokens": 256, "is_sentence": flag,
+         "query_llm_tokens": 5, "query_clip_tokens": 7}
+        for number, (image, flag, i, u) in enumerate(masks)
+    ]  # fmt: skip
+    PartWriter(tmp_path / "records", attempt=0, rank=0).write(pa.Table.from_pylist(rows, schema=SCHEMA))
+    write_manifest(tmp_path, build_manifest("validate", {"checkpoint": "handmade"}, [{"name": "none"}], {"splits": []}))
+    table, knobs = compare_tool.load_runs([tmp_path])
+    results = {row["split"]: row for row in compare_tool.compare(compare_tool.with_query_kinds(table), knobs, num_bootstrap=200)}
+    assert list(results) == ["reasonseg/val", "reasonseg/val/short", "reasonseg/val/long"]
+    assert (results["reasonseg/val"]["ciou"], results["reasonseg/val"]["num_images"]) == (6 / 11, 3)
+    assert (results["reasonseg/val/short"]["ciou"], results["reasonseg/val/short"]["giou"]) == (0.5, 0.5)
+    assert (results["reasonseg/val/long"]["ciou"], results["reasonseg/val/long"]["giou"]) == (4 / 7, 0.75)
+    assert results["reasonseg/val/long"]["num_images"] == 2
+    assert results["reasonseg/val/long"]["ciou_low"] <= 4 / 7 <= results["reasonseg/val/long"]["ciou_high"]
+    assert compare_tool.main([str(tmp_path), "--no-query-kinds", "--bootstrap", "50"]) == 0
+    assert "reasonseg/val/short" not in capsys.readouterr().out
+
+
+def test_resume_restores_each_query_kind(folder, one_process, tmp_path):
+    """A run that lost its last batch's records resumes to the same numbers, per query kind too."""
+    import shutil
+
+    single, run = one_process
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    parts = sorted((copy / "records").glob("part-*.parquet"))
+    assert len(parts) == 3  # 5 images in batches of 2
+    parts[-1].unlink()
+    (copy / "results.json").unlink()
+    args = ["validate", "--config", DEMO, *RUN_ARGS, "--data.data_dir", str(folder), "--trainer.devices", "1"]
+    with mock.patch.object(sys, "argv", ["litelvlm.cli"]):
+        main([*args, "--resume", str(copy)])
+    resumed = json.loads((copy / "results.json").read_text())
+    assert resumed["by_query_kind"] == single["by_query_kind"]
+    assert (resumed["ciou"], resumed["giou"], resumed["num_samples"]) == (single["ciou"], single["giou"], 5)
