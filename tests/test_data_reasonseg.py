@@ -170,3 +170,10 @@ def test_prepare_data_lists_each_problem_in_one_line(tmp_path, capsys):
         assert "found ReasonSeg val: 4 images" in out  # the rest of the split was still read
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def test_reasonseg_without_a_folder_is_a_clear_error():
+    from litelvlm.data.datamodule import ReferringDataModule
+
+    with pytest.raises(DataError, match="ReasonSeg has no demo set: pass --data.data_dir"):
+        ReferringDataModule(dataset="reasonseg").setup()

@@ -166,6 +166,8 @@ class ReferringDataModule(L.LightningDataModule):
         return parts
 
     def _open_split(self, dataset: str | None, split: str, max_sentences: int | None, protocol: str):
+        if self.data_dir is None and (dataset or self.dataset_name) == "reasonseg":
+            raise DataError("ReasonSeg has no demo set: pass --data.data_dir (ReasonSeg/, reason_seg/ or the data root)")
         source = self.data_dir if self.data_dir is not None else ensure_demo_data()
         return open_referring_dataset(
             source,

@@ -330,6 +330,9 @@ class ReferringSegmentationModule(L.LightningModule):
                 prefix = self._prefix(stage, split_index, name)
                 for key in ("ciou", "giou", "num_masks", "visual_tokens"):
                     self.log(f"{prefix}/{key}", float(values[key]), sync_dist=False, add_dataloader_idx=False)
+                for kind, kind_values in (by_kind or {}).items():
+                    for key in ("ciou", "giou", "num_samples") if kind_values["num_samples"] else ():
+                        self.log(f"{prefix}/{kind}/{key}", float(kind_values[key]), sync_dist=False, add_dataloader_idx=False)
                 rows.append(
                     {
                         "stage": stage,
