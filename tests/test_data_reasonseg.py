@@ -159,13 +159,17 @@ def test_prepare_data_lists_each_problem_in_one_line(tmp_path, capsys):
         raw = json.loads((val / "synthetic_val_0002.json").read_text())
         raw["shapes"][0]["points"][0] = [-5, 3]
         (val / "synthetic_val_0002.json").write_text(json.dumps(raw))
+        raw = json.loads((val / "synthetic_val_0003.json").read_text())
+        raw["shapes"][0]["points"] = [[1, 2], [3]]
+        (val / "synthetic_val_0003.json").write_text(json.dumps(raw))
         (val / "extra.json").write_text("{}")
         assert prepare_data.main([str(folder), "--dataset", "reasonseg", "--split", "val", "--split", "test"]) == 1
         out = capsys.readouterr().out
         problems = [line for line in out.splitlines() if line.startswith("  - ")]
-        assert len(problems) == 5, out
+        assert len(problems) == 6, out
         assert "synthetic_val_0000.json: missing" in out and "synthetic_val_0001.jpg: unreadable" in out
         assert "synthetic_val_0002.json: shape 0 ('target') has points outside" in out
+        assert "synthetic_val_0003.json: shape 0 ('target'): points are not numbers" in out
         assert "extra.json: no image extra.jpg beside it" in out and "but not 'test'" in out
         assert "found ReasonSeg val: 4 images" in out  # the rest of the split was still read
     finally:

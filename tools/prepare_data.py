@@ -307,16 +307,17 @@ def check_reasonseg(root: str | Path, splits=None) -> ReasonSegReport:
                 report.problems.append(f"{json_path if isinstance(error, DataError) else path}: unreadable ({error})")
                 continue
             queries[annotation["is_sentence"]] += len(annotation["text"])
+            try:  # first: points that are not [x, y] pairs of numbers
+                mask_from_json(annotation, image.height, image.width)
+            except MalformedSegmentationError as error:
+                report.problems.append(f"{json_path}: {error}")
+                continue
             for number, shape in enumerate(annotation["shapes"]):
                 if shape["label"].lower() != "flag" and not polygon_inside(shape["points"], image.height, image.width):
                     report.problems.append(
                         f"{json_path}: shape {number} ({shape['label']!r}) has points outside the "
                         f"{image.width}x{image.height} (w x h) image"
                     )
-            try:
-                mask_from_json(annotation, image.height, image.width)
-            except MalformedSegmentationError as error:
-                report.problems.append(f"{json_path}: {error}")
         report.found.append(f"found ReasonSeg {split}: {len(images)} images, {queries[False]} short and {queries[True]} long queries")
         if len(images) != REASONSEG_SPLIT_SIZES.get(split, len(images)):
             report.notes.append(f"ReasonSeg {split} holds {len(images)} images; the release has {REASONSEG_SPLIT_SIZES[split]}")
