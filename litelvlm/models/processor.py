@@ -103,8 +103,8 @@ class GroundingProcessor:
         tokenizer: the LLM tokenizer of the checkpoint.
         seed: seeds the question/answer template choice.
         training: build the training form and its `labels`.
-        clip_tokenizer: counts each query's CLIP tokens for the records (None: counted as -1).
         with_labels: add `labels` (default: when training); evaluation prompts can have them too.
+        clip_tokenizer: counts each query's CLIP tokens for the records (None: counted as -1).
     """
 
     def __init__(
