@@ -20,7 +20,8 @@ NOT_BENCHMARKED = {"random"}  # a sanity baseline, as in the RefCOCO benchmark c
 
 
 def test_every_registered_method_has_a_config_at_192_and_64():
-    shipped = {name for name in list_pruners() if class_path_of(name).startswith("litelvlm.pruners.")}  # not those tests register
+    # The package's pruners, not those other tests register.
+    shipped = {name for name in list_pruners() if class_path_of(name).startswith("litelvlm.pruners.")}
     methods = sorted(shipped - NOT_BENCHMARKED - {"none"})
     expected = {"reasonseg_none"} | {f"reasonseg_{m.replace('-', '_')}_{b}" for m in methods for b in (192, 64)}
     assert {path.stem for path in CONFIGS} == expected
