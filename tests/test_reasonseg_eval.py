@@ -195,3 +195,17 @@ def test_resume_restores_each_query_kind(folder, one_process, tmp_path):
     resumed = json.loads((copy / "results.json").read_text())
     assert resumed["by_query_kind"] == single["by_query_kind"]
     assert (resumed["ciou"], resumed["giou"], resumed["num_samples"]) == (single["ciou"], single["giou"], 5)
+
+
+def test_two_shards_merged_equal_one_run_per_query_kind(folder, one_process, tmp_path):
+    """`--data.shard i/2` parts merged by tools/merge_runs.py give the one-process by_query_kind."""
+    from litelvlm.engine.merge import merge_runs
+    from litelvlm.engine.records import metrics_from_records
+
+    single, run = one_process
+    (from_records,) = metrics_from_records(run)
+    assert from_records["by_query_kind"] == single["by_query_kind"]
+    parts = [run_cli(folder, tmp_path / f"part{index}", "--data.shard", f"{index}/2")[1] for index in range(2)]
+    (merged,) = merge_runs(tmp_path / "merged", parts)
+    assert merged["by_query_kind"] == single["by_query_kind"]
+    assert (merged["ciou"], merged["num_samples"]) == (single["ciou"], 5)

@@ -201,8 +201,24 @@ def metrics_from_records(run: str | Path) -> list[dict]:
         values = iou_from_scores(
             rows["intersection"].to_pylist(), rows["union"].to_pylist(), rows["retained_tokens"].to_pylist()
         )
-        results.append({**key, **values})
+        by_kind = _by_query_kind(rows)
+        results.append({**key, **values, **({"by_query_kind": by_kind} if by_kind else {})})
     return results
+
+
+def _by_query_kind(rows: pa.Table) -> dict | None:
+    """results.json's `by_query_kind` from records with query kinds (ReasonSeg); None without."""
+    flags = rows["is_sentence"].to_pylist()
+    if all(flag is None for flag in flags):
+        return None
+    by_kind = {}
+    for name, wanted in (("short", False), ("long", True)):
+        chosen = [index for index, flag in enumerate(flags) if flag is wanted]
+        columns = [rows[name].to_pylist() for name in ("intersection", "union", "retained_tokens")]
+        values = iou_from_scores(*([column[i] for i in chosen] for column in columns))
+        by_kind[name] = {"ciou": values["ciou"], "giou": values["giou"], "num_samples": values["num_masks"],
+                         "visual_tokens": values["visual_tokens"]}  # fmt: skip
+    return by_kind
 
 
 # ------------------------------------------------------------------------------------ manifest
