@@ -2,7 +2,7 @@
 
     python tools/compare.py RUN_DIR [RUN_DIR ...] [--baseline CONFIG] [--out DIR]
                             [--labels LABEL ...] [--paired-run LABEL]
-                            [--bootstrap 1000] [--seed 0] [--confidence 0.95]
+                            [--bootstrap 1000] [--seed 0] [--confidence 0.95] [--no-query-kinds]
 
 Per split and configuration: cIoU and gIoU (exactly the numbers the run logged, recomputed from
 its records) with bootstrap intervals that resample IMAGES (the unit the data was drawn in; the
@@ -14,6 +14,9 @@ Runs of the same configurations (training-free vs fine-tuned, two checkpoints): 
 each run (`--labels training-free finetuned` gives `finetuned:litelvlm@64`), and `--paired-run
 training-free` compares every configuration with the SAME configuration of that run (the fine-tuned
 `litelvlm@64` with the training-free `litelvlm@64`, and so on per budget).
+
+Records with query kinds (ReasonSeg's is_sentence) add rows for `<split>/short` and `<split>/long`,
+the masks of each kind alone, with their own image resamples (`--no-query-kinds` leaves them out).
 
 Writes compare.md (the table, also printed), compare.csv (fractions, not percent) and
 ciou_vs_tokens.png (cIoU and gIoU against retained visual tokens, one line per method with its
@@ -86,6 +89,20 @@ def load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None = None) -
         tables.append(table.set_column(table.schema.get_field_index("configuration"), "configuration", pa.array(column)))
         all_knobs.update({rename[name]: item for name, item in knobs.items()})
     return pa.concat_tables(tables), all_knobs
+
+
+def with_query_kinds(table: pa.Table) -> pa.Table:
+    """The records plus, for rows that know their query kind, a copy under `<split>/short` or `<split>/long`."""
+    if "is_sentence" not in table.column_names:
+        return table
+    flags = table["is_sentence"].to_pylist()
+    known = [index for index, flag in enumerate(flags) if flag is not None]
+    if not known:
+        return table
+    extra = table.take(pa.array(known, pa.int64()))
+    splits = [f"{split}/{'long' if flags[index] else 'short'}" for split, index in zip(extra["split"].to_pylist(), known)]
+    extra = extra.set_column(extra.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
+    return pa.concat_tables([table, extra])
 
 
 def paired_baselines(configurations: Sequence[str], paired_label: str) -> dict[str, str]:
@@ -345,12 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--no-query-kinds", action="store_true", help="no short/long rows for records with query kinds")
     args = parser.parse_args(argv)
     try:
         if args.paired_run is not None and (args.labels is None or args.baseline is not None):
             raise CompareError("--paired-run needs --labels (to name the runs) and excludes --baseline")
         args.runs = [resolve_run(run, has_records, "records") for run in args.runs]  # a parent: its latest run
         table, knobs = load_runs(args.runs, args.labels)
+        table = table if args.no_query_kinds else with_query_kinds(table)
         baseline = args.baseline
         if args.paired_run is not None:
             baseline = paired_baselines(list(dict.fromkeys(table["configuration"].to_pylist())), args.paired_run)

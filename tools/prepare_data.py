@@ -2,6 +2,12 @@
 
     python tools/prepare_data.py ROOT [--dataset refcoco --dataset refcocog ...] [--split val ...]
                                       [--verify] [--to-parquet OUT [--skip-unrepresentable]]
+    python tools/prepare_data.py ROOT --dataset reasonseg [--split val ...]
+
+`--dataset reasonseg` checks LISA's ReasonSeg folder (ROOT may be the data root, reason_seg/ or
+ReasonSeg/; default: every split present): it reads every JSON and image and lists, one line each,
+a missing or unreadable JSON, an unreadable image, a JSON without its image and a polygon with points
+outside its image; nothing stops the check.
 
 Prints every missing piece with its expected path and where to get it; exit code 0 when all the
 requested data sets and splits are complete, 1 otherwise. Without `--verify` it checks that files
@@ -37,6 +43,15 @@ from litelvlm.data.refcoco_original import (
     refs_file_names,
 )
 from litelvlm.data.masks import MalformedSegmentationError, ref_mask
+from litelvlm.data.reasonseg import (
+    DATASET_NAME as REASONSEG,
+    SPLIT_SIZES as REASONSEG_SPLIT_SIZES,
+    find_split_folder,
+    mask_from_json,
+    polygon_inside,
+    read_annotation,
+)
+from litelvlm.data.images import decode_rgb
 from litelvlm.data.refcoco_parquet import CorruptImageError, image_id_from_file_name
 from litelvlm.data.samples import ReferringRef
 from litelvlm.errors import DataError
@@ -247,6 +262,75 @@ def format_verify_report(report: VerifyReport) -> str:
     return "\n".join(lines)
 
 
+# --- ReasonSeg --------------------------------------------------------------------------------------
+
+REASONSEG_SOURCE = (
+    "LISA's ReasonSeg release (github.com/dvlab-research/LISA, README 'Dataset', Google Drive link): unzip so "
+    "that ROOT/reason_seg/ReasonSeg/val/NAME.jpg and NAME.json exist"
+)
+
+
+@dataclass
+class ReasonSegReport:
+    found: list[str] = field(default_factory=list)  # one line per split checked
+    problems: list[str] = field(default_factory=list)  # one line per bad file or shape
+    notes: list[str] = field(default_factory=list)
+
+
+def check_reasonseg(root: str | Path, splits=None) -> ReasonSegReport:
+    """Read every JSON and image of the ReasonSeg splits (default: those present) and list each problem."""
+    root, report = Path(root).expanduser(), ReasonSegReport()
+    wanted = list(splits or REASONSEG_SPLIT_SIZES)
+    folders = {}
+    for split in wanted:
+        try:
+            folders[split] = find_split_folder(root, split)
+        except (FileNotFoundError, DataError) as error:
+            if splits:  # asked for by name: its absence is a problem
+                report.problems.append(f"{error}; get: {REASONSEG_SOURCE}")
+    if not folders and not splits:
+        report.problems.append(f"no ReasonSeg split under {root}; get: {REASONSEG_SOURCE}")
+    for split, folder in folders.items():
+        images = sorted(folder.glob("*.jpg"))
+        stems = {path.stem for path in images}
+        report.problems += [f"{path}: no image {path.stem}.jpg beside it" for path in sorted(folder.glob("*.json")) if path.stem not in stems]
+        queries = {False: 0, True: 0}
+        for path in images:
+            json_path = path.with_suffix(".json")
+            if not json_path.is_file():
+                report.problems.append(f"{json_path}: missing (the annotation of {path.name})")
+                continue
+            try:
+                annotation = read_annotation(json_path)
+                image = decode_rgb(path)
+            except (DataError, OSError, ValueError) as error:
+                report.problems.append(f"{json_path if isinstance(error, DataError) else path}: unreadable ({error})")
+                continue
+            queries[annotation["is_sentence"]] += len(annotation["text"])
+            try:  # first: points that are not [x, y] pairs of numbers
+                mask_from_json(annotation, image.height, image.width)
+            except MalformedSegmentationError as error:
+                report.problems.append(f"{json_path}: {error}")
+                continue
+            for number, shape in enumerate(annotation["shapes"]):
+                if shape["label"].lower() != "flag" and not polygon_inside(shape["points"], image.height, image.width):
+                    report.problems.append(
+                        f"{json_path}: shape {number} ({shape['label']!r}) has points outside the "
+                        f"{image.width}x{image.height} (w x h) image"
+                    )
+        report.found.append(f"found ReasonSeg {split}: {len(images)} images, {queries[False]} short and {queries[True]} long queries")
+        if len(images) != REASONSEG_SPLIT_SIZES.get(split, len(images)):
+            report.notes.append(f"ReasonSeg {split} holds {len(images)} images; the release has {REASONSEG_SPLIT_SIZES[split]}")
+    return report
+
+
+def format_reasonseg_report(report: ReasonSegReport) -> str:
+    lines = [*report.found, *(f"  note: {note}" for note in report.notes)]
+    if not report.problems:
+        return "\n".join(lines + ["complete: every ReasonSeg image and annotation reads"])
+    return "\n".join(lines + [f"PROBLEMS ({len(report.problems)}), one per line:"] + [f"  - {p}" for p in report.problems])
+
+
 # --- conversion to the lmms-lab/RefCOCO parquet schema -------------------------------------------
 
 
@@ -343,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="the folder that holds (or will hold) Refer_Segm/ and coco_2014/")
     parser.add_argument(
-        "--dataset", action="append", choices=DATASETS, help="repeatable; default: refcoco, refcoco+, refcocog"
+        "--dataset",
+        action="append",
+        choices=(*DATASETS, REASONSEG),
+        help="repeatable; default: refcoco, refcoco+, refcocog; reasonseg checks a ReasonSeg folder",
     )
     parser.add_argument("--split", action="append", help="repeatable; default: each data set's benchmark splits")
     parser.add_argument("--to-parquet", metavar="OUT", help="also convert the checked splits to parquet under OUT")
@@ -354,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verify", action="store_true", help="also decode every image and mask (slow: reads every file)")
     args = parser.parse_args(argv)
+    if args.dataset and REASONSEG in args.dataset:
+        if len(args.dataset) > 1 or args.to_parquet:
+            parser.error("--dataset reasonseg is checked on its own (no other --dataset, no --to-parquet)")
+        reasonseg = check_reasonseg(args.root, args.split)
+        print(format_reasonseg_report(reasonseg))
+        return 1 if reasonseg.problems else 0
     datasets = tuple(args.dataset or STANDARD_DATASETS)
     report = check_layout(args.root, datasets, args.split)
     print(format_report(report))

@@ -13,7 +13,7 @@ from litelvlm.errors import DataError
 from litelvlm.data.records import check_protocol
 from litelvlm.data.sampler import EpochShuffledSampler, UnpaddedDistributedSampler
 from litelvlm.data.shard import parse_shard, shard_items
-from litelvlm.data.sources import open_referring_dataset
+from litelvlm.data.sources import default_protocol, open_referring_dataset
 from litelvlm.data.synthetic import ensure_demo_data
 from litelvlm.data.training import TrainingDataset
 from litelvlm.models.loading import load_assets
@@ -73,7 +73,8 @@ class ReferringDataModule(L.LightningDataModule):
         split_by: the refs file variant (unc, umd, google); default per data set.
         protocol: `glamm` (per image, up to `max_sentences` seeded sentences in one multi-round
             prompt), `per-sentence` (LISA: one sentence per forward) or `all-sentences` (every
-            sentence, in prompts of up to `max_sentences` rounds).
+            sentence, in prompts of up to `max_sentences` rounds); `lisa-reasonseg` (ReasonSeg: the first query of each image, LISA's validation).
+            None (default): each split's own, `lisa-reasonseg` for ReasonSeg, `glamm` otherwise.
         checkpoint: the model the batches are for (linked from `model.checkpoint` by the CLI).
         batch_size: prompts per batch.
         max_sentences: sentences per prompt (GLaMM: 3; None: all).
@@ -100,7 +101,7 @@ class ReferringDataModule(L.LightningDataModule):
         split: str = "val",
         splits: list[str] | None = None,
         split_by: str | None = None,
-        protocol: str = "glamm",
+        protocol: str | None = None,
         checkpoint: str = "tiny-glamm",
         batch_size: int = 2,
         num_workers: int = 0,
@@ -122,7 +123,8 @@ class ReferringDataModule(L.LightningDataModule):
             raise DataError(f"fit_val_images must be >= 1 or None (all), got {fit_val_images}")
         if train_splits is not None and len(set(train_splits)) != len(train_splits):
             raise DataError(f"train_splits lists a split twice: {train_splits}")
-        check_protocol(protocol)
+        if protocol is not None:
+            check_protocol(protocol)
         self.shard = parse_shard(shard)
         self.data_dir = data_dir
         self.dataset_name = dataset
@@ -164,6 +166,8 @@ class ReferringDataModule(L.LightningDataModule):
         return parts
 
     def _open_split(self, dataset: str | None, split: str, max_sentences: int | None, protocol: str):
+        if self.data_dir is None and (dataset or self.dataset_name) == "reasonseg":
+            raise DataError("ReasonSeg has no demo set: pass --data.data_dir (ReasonSeg/, reason_seg/ or the data root)")
         source = self.data_dir if self.data_dir is not None else ensure_demo_data()
         return open_referring_dataset(
             source,
@@ -181,7 +185,9 @@ class ReferringDataModule(L.LightningDataModule):
             raise DataError("data.shard splits an evaluation (validate/test) across jobs; fit trains on every image")
         if self.datasets is None:
             assets = load_assets(self.checkpoint)
-            self.processor = GroundingProcessor(assets.config, assets.llm_tokenizer, seed=self.seed)
+            self.processor = GroundingProcessor(
+                assets.config, assets.llm_tokenizer, seed=self.seed, clip_tokenizer=assets.clip_tokenizer
+            )
             self.all_samples = [self._open(name) for name in self.split_names]
             self.samples = self.all_samples[0]
             self.datasets = [ProcessedDataset(samples, self.processor) for samples in self.all_samples]
@@ -273,7 +279,8 @@ class ReferringDataModule(L.LightningDataModule):
                 digest.update(json.dumps([index, *item]).encode())
             splits.append({"split": name, "num_items": len(samples), "sha256": digest.hexdigest()})
         shard = {"shard": "/".join(map(str, self.shard))} if self.shard is not None else {}  # absent: the whole split
-        return {"protocol": self.protocol, "max_sentences": self.max_sentences, "seed": self.seed, "splits": splits, **shard}
+        protocol = self.protocol or default_protocol(self.dataset_name)
+        return {"protocol": protocol, "max_sentences": self.max_sentences, "seed": self.seed, "splits": splits, **shard}
 
     def skipped_in(self, split_index: int = 0) -> list[dict]:
         """Samples of a split left out in skip mode while indexing; load-time skips reach the module in batches."""

@@ -31,7 +31,7 @@ def choose_sentences(num_sentences: int, max_sentences: int | None, seed: int, i
     return rng.sample(range(num_sentences), min(num_sentences, max_sentences))
 
 
-PROTOCOLS = ("glamm", "per-sentence", "all-sentences")
+PROTOCOLS = ("glamm", "per-sentence", "all-sentences", "lisa-reasonseg")
 
 
 def check_protocol(protocol: str) -> None:
@@ -49,6 +49,7 @@ def protocol_items(
     - `per-sentence`: one item per sentence (LISA's evaluation: one sentence per forward).
     - `all-sentences`: every sentence of every ref, in conversations of up to `max_sentences`
       consecutive sentences (None: all of an image's sentences in one).
+    - `lisa-reasonseg`: one item per image with its first sentence (LISA's ReasonSeg validation).
     """
     check_protocol(protocol)
     items = []
@@ -56,6 +57,8 @@ def protocol_items(
         count = record.num_sentences
         if protocol == "glamm":
             items.append((record_index, choose_sentences(count, max_sentences, seed, record_index)))
+        elif protocol == "lisa-reasonseg":
+            items.append((record_index, [0]))
         elif protocol == "per-sentence":
             items.extend((record_index, [position]) for position in range(count))
         else:

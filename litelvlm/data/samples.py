@@ -82,6 +82,12 @@ class ReferringSample:
     sentence_ids: list[str]
     masks: np.ndarray
     ref_ids: list[str] = field(default_factory=list)  # the ref of each sentence, when known
+    # bool [T, H, W]: pixels that count in neither intersection nor union (ReasonSeg's "ignore"
+    # regions, LISA's ignore_index=255); None: every pixel counts.
+    ignore_masks: np.ndarray | None = None
+    # Per sentence, whether it is a long query (ReasonSeg's is_sentence); None: a data set without
+    # query kinds (RefCOCO). It also chooses ReasonSeg's prompt form.
+    is_sentence: list[bool] | None = None
 
     def __post_init__(self):
         num_sentences = len(self.sentences)
@@ -101,4 +107,16 @@ class ReferringSample:
             raise DataError(
                 f"sample {self.index} (image {self.image_id}): masks must be bool {expected_shape} "
                 f"(one per sentence, at the image size), got {self.masks.dtype} {self.masks.shape}"
+            )
+        if self.ignore_masks is not None and (
+            self.ignore_masks.dtype != np.bool_ or self.ignore_masks.shape != expected_shape
+        ):
+            raise DataError(
+                f"sample {self.index} (image {self.image_id}): ignore masks must be bool {expected_shape}, "
+                f"got {self.ignore_masks.dtype} {self.ignore_masks.shape}"
+            )
+        if self.is_sentence is not None and len(self.is_sentence) != num_sentences:
+            raise DataError(
+                f"sample {self.index} (image {self.image_id}): {num_sentences} sentences "
+                f"but {len(self.is_sentence)} is_sentence flags"
             )

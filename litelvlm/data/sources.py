@@ -3,6 +3,7 @@
   a folder holding Refer_Segm/            the original layout (refs files, instances.json, COCO images)
   a folder of parquet files, a .parquet   the lmms-lab/RefCOCO schema, through `datasets`
   owner/name (not a local path)           the same schema from the hub
+  dataset "reasonseg"                     LISA's ReasonSeg folder (ReasonSeg/, reason_seg/ or the root)
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from litelvlm.data.refcoco_original import (
     OriginalReferringDataset,
 )
 from litelvlm.data.refcoco_parquet import ReferringImageDataset, _is_hub_id
+from litelvlm.data.reasonseg import DATASET_NAME as REASONSEG, ReasonSegDataset, is_reasonseg_layout
+
+
+def default_protocol(dataset: str | None) -> str:
+    """The reference evaluation of a data set: LISA's for ReasonSeg, GLaMM's for the RefCOCO family."""
+    return "lisa-reasonseg" if dataset == REASONSEG else "glamm"
 
 
 def is_original_layout(path: Path) -> bool:
@@ -33,17 +40,22 @@ def open_referring_dataset(
     seed: int = 0,
     on_error: str = "raise",
     cache_dir: str | None = None,
-    protocol: str = "glamm",
+    protocol: str | None = None,
 ) -> ReferringRecordDataset:
     """The split of `source` as a data set whose item i is image i's sample.
 
     `dataset` (refcoco, refcoco+, refcocog, grefcoco) and `split_by` choose inside an original-layout
     folder; a parquet source holds one data set already and needs neither. `on_error="skip"` is
     for the original layout (the parquet loader always raises on a bad sample). `protocol` says
-    how sentences become items (see `litelvlm.data.records.protocol_items`).
+    how sentences become items (see `litelvlm.data.records.protocol_items`); None: the data set's own.
     """
     if on_error not in ON_ERROR_MODES:
         raise DataError(f"on_error must be one of {ON_ERROR_MODES}, got {on_error!r}")
+    protocol = protocol or default_protocol(dataset)
+    if dataset == REASONSEG:
+        return ReasonSegDataset(source, split=split, protocol=protocol, on_error=on_error)
+    if protocol == "lisa-reasonseg":
+        raise DataError(f"protocol lisa-reasonseg is ReasonSeg's (--data.dataset {REASONSEG}), not {dataset or 'this data set'}'s")
     if isinstance(source, str) and _is_hub_id(source):
         return _parquet(source, split, max_sentences, seed, on_error, cache_dir, protocol)
     path = Path(source).expanduser()
@@ -60,7 +72,9 @@ def open_referring_dataset(
     if (path.is_file() and path.suffix == ".parquet") or (path.is_dir() and any(path.rglob("*.parquet"))):
         return _parquet(path, split, max_sentences, seed, on_error, cache_dir, protocol)
     hint = ""
-    if path.name == REFER_SEGM or (path / "refcoco").is_dir() or (path / "instances.json").is_file():
+    if is_reasonseg_layout(path):
+        hint = f" It holds ReasonSeg: pass dataset={REASONSEG!r} (--data.dataset {REASONSEG})."
+    elif path.name == REFER_SEGM or (path / "refcoco").is_dir() or (path / "instances.json").is_file():
         hint = f" It looks like the inside of the original layout: pass the folder that contains {REFER_SEGM}/."
     raise FileNotFoundError(
         f"{path} matches no known data layout: looked for {path / REFER_SEGM}/ (the original layout: "

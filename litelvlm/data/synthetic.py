@@ -321,3 +321,53 @@ def ensure_demo_data(cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _reasonseg_annotation(shapes: list[SyntheticShape], sentences: list[list[str]], image_index: int) -> dict:
+    """The JSON of one synthetic ReasonSeg image: the first shape is the target.
+
+    Even images ask short queries ("red circle"), odd ones long sentences built from the target's
+    referring sentences (1-3 queries). Every third image also has a small "ignore" square inside the
+    target, every fourth labels its second shape "ignore", and every fifth carries a "flag" shape
+    over the whole image, which the reader must drop.
+    """
+    target = shapes[0]
+    is_sentence = image_index % 2 == 1
+    if is_sentence:
+        texts = [f"Find the object that one would call {sentence} here, and explain nothing." for sentence in sentences[0]]
+    else:
+        texts = [sentences[0][0].removeprefix("the ")]
+
+    def points(polygon: list[float]) -> list[list[float]]:
+        return [[polygon[i], polygon[i + 1]] for i in range(0, len(polygon), 2)]
+
+    annotated = [{"label": "target", "points": points(target.polygon()), "shape_type": "polygon"}]
+    if image_index % 3 == 0:
+        quarter = target.half / 4
+        inner = SyntheticShape("square", target.colour, target.cx, target.cy, quarter)
+        annotated.append({"label": "ignore", "points": points(inner.polygon()), "shape_type": "polygon"})
+    if image_index % 4 == 0 and len(shapes) > 1:
+        annotated.append({"label": "ignore region", "points": points(shapes[1].polygon()), "shape_type": "polygon"})
+    if image_index % 5 == 0:
+        x0, y0, x1, y1 = shapes[0].box
+        annotated.append({"label": "flag", "points": [[0, 0], [x1, 0], [x1, y1], [0, y1]], "shape_type": "polygon"})
+    return {"text": texts, "is_sentence": is_sentence, "shapes": annotated}
+
+
+def generate_synthetic_reasonseg(root: str | Path, splits: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """Write LISA's release layout, `root/reason_seg/ReasonSeg/<split>/NAME.jpg + NAME.json`, with
+    real JPEGs of the synthetic shapes; `splits` maps split name to number of images (default val: 6,
+    test: 4). Returns the `ReasonSeg` folder."""
+    splits = splits or {"val": 6, "test": 4}
+    folder = Path(root) / "reason_seg" / "ReasonSeg"
+    for split_number, (split, num_images) in enumerate(splits.items()):
+        if num_images < 1:
+            raise DataError(f"split {split}: num_images must be >= 1, got {num_images}")
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for image_index in range(num_images):
+            image_bytes, shapes, sentences = synthetic_image(seed + 100 * split_number, image_index)
+            name = f"synthetic_{split}_{image_index:04d}"
+            (folder / split / f"{name}.jpg").write_bytes(image_bytes)
+            annotation = _reasonseg_annotation(shapes, sentences, image_index)
+            (folder / split / f"{name}.json").write_text(json.dumps(annotation, indent=1))
+    return folder

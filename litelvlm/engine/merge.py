@@ -126,7 +126,7 @@ def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict]) 
         for part in parts
         for key in set(template) | set(part[position])
         if part[position].get(key) != template.get(key)
-    } - set(METRIC_FIELDS) - {"skipped"}
+    } - set(METRIC_FIELDS) - {"skipped", "by_query_kind"}
     rows = []
     for position, template in enumerate(parts[0]):
         template = {key: value for key, value in template.items() if key not in dropped}
@@ -137,6 +137,8 @@ def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict]) 
         for part in parts:
             skipped += [item for item in part[position].get("skipped") or [] if item not in skipped]
         numbers = {field: metrics[key][source] for field, source in METRIC_FIELDS.items()}
+        if "by_query_kind" in metrics[key]:  # ReasonSeg: per query kind, from the merged records too
+            numbers["by_query_kind"] = metrics[key]["by_query_kind"]
         rows.append({**template, **numbers, "skipped": sorted(skipped, key=lambda item: str(item.get("index")))})
     if dropped:
         print(f"merge_runs: left out (they differ between the parts and are not recomputed): {', '.join(sorted(dropped))}", file=sys.stderr)

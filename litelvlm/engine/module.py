@@ -26,7 +26,7 @@ from litelvlm.engine.finetuning import (
     set_training_modes,
     training_losses,
 )
-from litelvlm.engine.scores import ExactReferringIoU, MaskScores, score_masks
+from litelvlm.engine.scores import QUERY_KINDS, ExactReferringIoU, MaskScores, query_kind_tensor, score_masks
 from litelvlm.engine.sweep import SweepGrid, collect_pruners, configuration_names
 from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
@@ -65,6 +65,9 @@ class EvaluatedBatch:
     outputs: dict[str, GroundingOutput]
     scores: dict[str, MaskScores]
     shared: SharedEncodings | None = None
+    is_sentence: list[list[bool] | None] | None = None  # per sample: ReasonSeg's long-query flags
+    query_llm_tokens: list[list[int]] | None = None  # per sample and mask: the query's LLM tokens
+    query_clip_tokens: list[list[int]] | None = None  # per sample and mask: CLIP tokens, -1 unknown
 
     @property
     def primary(self) -> GroundingOutput:
@@ -220,16 +223,33 @@ class ReferringSegmentationModule(L.LightningModule):
             )
 
     def _build_metrics(self) -> nn.ModuleList:
-        return nn.ModuleList(ExactReferringIoU() for _ in range(len(self.split_names) * len(self.pruners)))
+        count = len(self.split_names) * len(self.pruners)
+        # One more per query kind (short, long) and (split, configuration): `by_query_kind` in results.
+        self.kind_metrics = nn.ModuleList(ExactReferringIoU() for _ in range(count * len(QUERY_KINDS)))
+        return nn.ModuleList(ExactReferringIoU() for _ in range(count))
 
     def metric(self, split_index: int, configuration_index: int) -> ExactReferringIoU:
         return self.metrics[split_index * len(self.pruners) + configuration_index]
 
+    def kind_metric(self, split_index: int, configuration_index: int, kind: int) -> ExactReferringIoU:
+        return self.kind_metrics[(split_index * len(self.pruners) + configuration_index) * len(QUERY_KINDS) + kind]
+
+    def _update(self, split_index: int, configuration_index: int, scores: MaskScores) -> None:
+        """The split's metric, and each query kind's with the masks of that kind."""
+        self.metric(split_index, configuration_index).update(scores.intersection, scores.union, scores.retained_tokens)
+        if scores.query_kind is None:
+            return
+        for kind in range(len(QUERY_KINDS)):
+            chosen = scores.query_kind == kind
+            if chosen.any():
+                self.kind_metric(split_index, configuration_index, kind).update(
+                    scores.intersection[chosen], scores.union[chosen], scores.retained_tokens[chosen]
+                )
+
     def restore_scores(self, split: str, configuration: str, scores: MaskScores) -> None:
         """Count scores an earlier attempt of this run recorded (resume). Call on one process only:
         metric states are summed over processes."""
-        metric = self.metric(self.split_names.index(split), self.configuration_names.index(configuration))
-        metric.update(scores.intersection, scores.union, scores.retained_tokens)
+        self._update(self.split_names.index(split), self.configuration_names.index(configuration), scores)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> EvaluatedBatch | None:
         return self._evaluate(batch, dataloader_idx)
@@ -270,8 +290,10 @@ class ReferringSegmentationModule(L.LightningModule):
         outputs, scores = {}, {}
         for index, (name, pruner) in enumerate(zip(self.configuration_names, grounded)):
             output = self.lvlm.ground(batch, shared, pruner)
-            score = score_masks(output.mask_logits, batch.gt_masks, output.num_visual_tokens)
-            self.metric(split_index, index).update(score.intersection, score.union, score.retained_tokens)
+            score = score_masks(output.mask_logits, batch.gt_masks, output.num_visual_tokens, batch.ignore_masks)
+            if batch.is_sentence:
+                score.query_kind = query_kind_tensor(batch.is_sentence, [len(ids) for ids in batch.sentence_ids])
+            self._update(split_index, index, score)
             outputs[name], scores[name] = output, score
         return EvaluatedBatch(
             split=split,
@@ -281,6 +303,9 @@ class ReferringSegmentationModule(L.LightningModule):
             outputs=outputs,
             scores=scores,
             shared=shared,
+            is_sentence=list(batch.is_sentence) or None,
+            query_llm_tokens=list(batch.query_llm_tokens) or None,
+            query_clip_tokens=list(batch.query_clip_tokens) or None,
         )
 
     def _encoding_readers(self) -> list[ReadsEncodings]:
@@ -301,9 +326,13 @@ class ReferringSegmentationModule(L.LightningModule):
                     warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
                     values = metric.compute()
                 metric.reset()
+                by_kind = self._by_query_kind(split_index, index)
                 prefix = self._prefix(stage, split_index, name)
                 for key in ("ciou", "giou", "num_masks", "visual_tokens"):
                     self.log(f"{prefix}/{key}", float(values[key]), sync_dist=False, add_dataloader_idx=False)
+                for kind, kind_values in (by_kind or {}).items():
+                    for key in ("ciou", "giou", "num_samples") if kind_values["num_samples"] else ():
+                        self.log(f"{prefix}/{kind}/{key}", float(kind_values[key]), sync_dist=False, add_dataloader_idx=False)
                 rows.append(
                     {
                         "stage": stage,
@@ -318,10 +347,31 @@ class ReferringSegmentationModule(L.LightningModule):
                         "finetuned": self._weights_note(),
                         "random_weights": self.random_weights,
                         "skipped": [item for item in skipped if item.get("split") == split],
+                        **({"by_query_kind": by_kind} if by_kind else {}),
                     }
                 )
         self.last_results = rows[0] if len(rows) == 1 and not self.is_sweep else rows
         self._skipped = []
+
+    def _by_query_kind(self, split_index: int, configuration_index: int) -> dict | None:
+        """{"short": {...}, "long": {...}} with the top-level keys' meaning; None when no mask had a kind.
+
+        Every process computes (the states are summed over processes), so all join the same syncs.
+        """
+        by_kind = {}
+        for kind, kind_name in enumerate(QUERY_KINDS):
+            metric = self.kind_metric(split_index, configuration_index, kind)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                values = metric.compute()
+            metric.reset()
+            by_kind[kind_name] = {
+                "ciou": values["ciou"],
+                "giou": values["giou"],
+                "num_samples": values["num_masks"],
+                "visual_tokens": values["visual_tokens"],
+            }
+        return by_kind if any(values["num_samples"] for values in by_kind.values()) else None
 
     def _weights_note(self) -> str | None:
         """Which fine-tuned weights the numbers come from: an export's sha256, this run's fit, or None (base)."""

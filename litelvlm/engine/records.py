@@ -9,8 +9,11 @@ A part file is written under a temporary name in the same folder and renamed int
 (`os.replace` is atomic), so a batch's rows are either all there or absent, whatever kills the
 process; each process writes its own files, so ranks never collide. One row per (mask,
 configuration): split, sample id, image id, sentence id, mask index, configuration,
-intersection, union, retained tokens. A batch's file holds every configuration's rows, so a
-recorded sample is complete for all configurations at once.
+intersection, union (ignore-region pixels in neither), retained tokens, and the query: whether it
+is a long one (ReasonSeg's is_sentence; null where the data set has no query kinds) and its length
+in LLM tokens and in CLIP tokens with [SOS]/[EOS] (-1 where unknown; null in records written before
+these columns). A batch's file holds every configuration's rows, so a recorded sample is complete
+for all configurations at once.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ SCHEMA = pa.schema(
         ("intersection", pa.int64()),
         ("union", pa.int64()),
         ("retained_tokens", pa.int64()),
+        ("is_sentence", pa.bool_()),
+        ("query_llm_tokens", pa.int64()),
+        ("query_clip_tokens", pa.int64()),
     ]
 )
 
@@ -67,11 +73,21 @@ def has_records(run: str | Path) -> bool:
 def batch_table(evaluated) -> pa.Table:
     """The rows of one `EvaluatedBatch`: every mask under every configuration."""
     sample_ids, image_ids, sentence_ids, mask_index = [], [], [], []
-    for sample_id, image_id, sentences in zip(evaluated.sample_ids, evaluated.image_ids, evaluated.sentence_ids):
+    is_sentence, llm_tokens, clip_tokens = [], [], []
+    samples = len(evaluated.sample_ids)
+    flags = getattr(evaluated, "is_sentence", None) or [None] * samples
+    llm = getattr(evaluated, "query_llm_tokens", None) or [None] * samples
+    clip = getattr(evaluated, "query_clip_tokens", None) or [None] * samples
+    for sample_id, image_id, sentences, sample_flags, sample_llm, sample_clip in zip(
+        evaluated.sample_ids, evaluated.image_ids, evaluated.sentence_ids, flags, llm, clip
+    ):
         sample_ids += [sample_id] * len(sentences)
         image_ids += [image_id] * len(sentences)
         sentence_ids += list(sentences)
         mask_index += list(range(len(sentences)))
+        is_sentence += list(sample_flags) if sample_flags is not None else [None] * len(sentences)
+        llm_tokens += list(sample_llm) if sample_llm is not None else [None] * len(sentences)
+        clip_tokens += list(sample_clip) if sample_clip is not None else [None] * len(sentences)
     columns = {name: [] for name in SCHEMA.names}
     for configuration, scores in evaluated.scores.items():
         if scores.intersection.numel() != len(sample_ids):
@@ -87,6 +103,9 @@ def batch_table(evaluated) -> pa.Table:
         columns["intersection"] += scores.intersection.tolist()
         columns["union"] += scores.union.tolist()
         columns["retained_tokens"] += scores.retained_tokens.tolist()
+        columns["is_sentence"] += is_sentence
+        columns["query_llm_tokens"] += llm_tokens
+        columns["query_clip_tokens"] += clip_tokens
     return pa.table(columns, schema=SCHEMA)
 
 
@@ -163,7 +182,9 @@ def recorded_scores(table: pa.Table, split: str, configuration: str, sample_ids:
     def column(name: str) -> torch.Tensor:
         return torch.tensor(rows[name].to_pylist(), dtype=torch.int64)
 
-    return MaskScores(column("intersection"), column("union"), column("retained_tokens"))
+    flags = rows["is_sentence"].to_pylist()
+    kinds = torch.tensor([-1 if flag is None else int(flag) for flag in flags], dtype=torch.int8)
+    return MaskScores(column("intersection"), column("union"), column("retained_tokens"), kinds)
 
 
 def metrics_from_records(run: str | Path) -> list[dict]:
@@ -180,8 +201,24 @@ def metrics_from_records(run: str | Path) -> list[dict]:
         values = iou_from_scores(
             rows["intersection"].to_pylist(), rows["union"].to_pylist(), rows["retained_tokens"].to_pylist()
         )
-        results.append({**key, **values})
+        by_kind = _by_query_kind(rows)
+        results.append({**key, **values, **({"by_query_kind": by_kind} if by_kind else {})})
     return results
+
+
+def _by_query_kind(rows: pa.Table) -> dict | None:
+    """results.json's `by_query_kind` from records with query kinds (ReasonSeg); None without."""
+    flags = rows["is_sentence"].to_pylist()
+    if all(flag is None for flag in flags):
+        return None
+    by_kind = {}
+    for name, wanted in (("short", False), ("long", True)):
+        chosen = [index for index, flag in enumerate(flags) if flag is wanted]
+        columns = [rows[name].to_pylist() for name in ("intersection", "union", "retained_tokens")]
+        values = iou_from_scores(*([column[i] for i in chosen] for column in columns))
+        by_kind[name] = {"ciou": values["ciou"], "giou": values["giou"], "num_samples": values["num_masks"],
+                         "visual_tokens": values["visual_tokens"]}  # fmt: skip
+    return by_kind
 
 
 # ------------------------------------------------------------------------------------ manifest

@@ -1,6 +1,8 @@
 """Per-mask integer scores and the cIoU/gIoU metric built on them, exact in any summation order.
 
-A mask's score is its intersection and union with the target, in pixels (integers). The metric
+A mask's score is its intersection and union with the target, in pixels (integers); pixels of an
+ignore region (ReasonSeg's "ignore" shapes) count in neither, as LISA's `intersectionAndUnionGPU(...,
+ignore_index=255)` (dvlab-research/LISA `utils/utils.py` lines 116-128) leaves them out. The metric
 keeps integer sums only: cIoU from the sums of intersections and unions, gIoU from the per-mask
 IoUs in fixed point (units of 2**-32, so at most 1.2e-10 from the float mean). Integer sums do not
 depend on the order of addition, so one process, several processes, and a run resumed from its
@@ -27,17 +29,39 @@ class MaskScores:
     intersection: Tensor  # int64 [M] foreground pixels in both prediction and target
     union: Tensor  # int64 [M] foreground pixels in either
     retained_tokens: Tensor  # int64 [M] visual tokens the LLM's last layer reasoned over, per mask
+    # int8 [M] the query kind of each mask: 0 short, 1 long (ReasonSeg's is_sentence), -1 none
+    query_kind: Tensor | None = None
 
 
-def score_masks(mask_logits: list[Tensor], gt_masks: list[Tensor], retained_tokens: int) -> MaskScores:
-    """Prediction = logits > 0 at the original size (docs/models.md, "Scores"); one score per predicted mask."""
+QUERY_KINDS = ("short", "long")  # index = the value in `MaskScores.query_kind`
+
+
+def query_kind_tensor(is_sentence: list[list[bool] | None], masks_per_sample: list[int]) -> Tensor:
+    """int8 [M]: 1 for a long query, 0 for a short one, -1 where the data set has no query kinds."""
+    kinds = []
+    for flags, count in zip(is_sentence, masks_per_sample):
+        kinds += [-1] * count if flags is None else [int(bool(flag)) for flag in flags]
+    return torch.tensor(kinds, dtype=torch.int8)
+
+
+def score_masks(
+    mask_logits: list[Tensor], gt_masks: list[Tensor], retained_tokens: int, ignore_masks: list[Tensor | None] | None = None
+) -> MaskScores:
+    """Prediction = logits > 0 at the original size (docs/models.md, "Scores"); one score per predicted mask.
+
+    `ignore_masks` (per sample, bool [T, H, W] or None): pixels left out of both intersection and union.
+    """
     intersections, unions = [], []
-    for logits, target in zip(mask_logits, gt_masks):
+    ignore_masks = ignore_masks or [None] * len(gt_masks)
+    for logits, target, ignore in zip(mask_logits, gt_masks, ignore_masks):
         pred, target = logits > 0, target.to(logits.device).bool()
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-        intersections.append((pred & target).flatten(1).sum(1))
-        unions.append((pred | target).flatten(1).sum(1))
+        counted = torch.ones_like(target) if ignore is None else ~ignore.to(logits.device).bool()
+        if counted.shape != target.shape:
+            raise ValueError(f"ignore mask shape {tuple(counted.shape)} != target shape {tuple(target.shape)}")
+        intersections.append((pred & target & counted).flatten(1).sum(1))
+        unions.append(((pred | target) & counted).flatten(1).sum(1))
     intersection = torch.cat(intersections).long().cpu()
     return MaskScores(intersection, torch.cat(unions).long().cpu(), torch.full_like(intersection, retained_tokens))
 

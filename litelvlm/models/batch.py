@@ -30,6 +30,10 @@ class GroundingBatch:
     image_ids: list[str] = field(default_factory=list)
     sentence_ids: list[list[str]] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # samples of this batch the data set skipped
+    ignore_masks: list[Tensor | None] = field(default_factory=list)  # per sample, bool [T_b, H, W] or None
+    is_sentence: list[list[bool] | None] = field(default_factory=list)  # per sample: long query? (ReasonSeg)
+    query_llm_tokens: list[list[int]] = field(default_factory=list)  # per mask: the query's LLM tokens
+    query_clip_tokens: list[list[int]] = field(default_factory=list)  # per mask: CLIP tokens with SOS/EOS, -1 unknown
     # [B, L] next-token targets aligned with input_ids, NOT shifted (the loss shifts): the token id at
     # each assistant answer token and its closing </s>, IGNORE_INDEX elsewhere (system, user turns,
     # image sentinel, padding). Training batches only; None in evaluation.

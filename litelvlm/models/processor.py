@@ -23,6 +23,7 @@ from litelvlm.models.prompts import (
     build_glamm_prompt,
     build_lisa_prompt,
     build_lisa_training_prompt,
+    build_reasonseg_prompt,
 )
 from litelvlm.models.tokenizer import IMAGE_TOKEN_INDEX, special_token_ids, tokenize_prompt
 
@@ -39,6 +40,14 @@ class ReferringSample(Protocol):
     sentences: list[str]
     sentence_ids: list[str]
     masks: np.ndarray  # bool [T, H, W]
+    ignore_masks: np.ndarray | None  # bool [T, H, W]: pixels scored in neither I nor U; None: none
+    is_sentence: list[bool] | None  # ReasonSeg's long-query flag per sentence; None: no query kinds
+
+
+def query_lengths(tokenizer, expressions: list[str], special_tokens: bool) -> list[int]:
+    """Tokens of each query, untruncated: the LLM's without special tokens, CLIP's with [SOS] and
+    [EOS] (`special_tokens`), so a CLIP length above 77 is a query that overflows the text window."""
+    return [len(tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]) for text in expressions]
 
 
 def prompt_labels(tokenizer, prompt: GroundingPrompt, input_ids: list[int]) -> list[int]:
@@ -95,12 +104,20 @@ class GroundingProcessor:
         seed: seeds the question/answer template choice.
         training: build the training form and its `labels`.
         with_labels: add `labels` (default: when training); evaluation prompts can have them too.
+        clip_tokenizer: counts each query's CLIP tokens for the records (None: counted as -1).
     """
 
     def __init__(
-        self, config: LVLMConfig, tokenizer, seed: int = 0, training: bool = False, with_labels: bool | None = None
+        self,
+        config: LVLMConfig,
+        tokenizer,
+        seed: int = 0,
+        training: bool = False,
+        with_labels: bool | None = None,
+        clip_tokenizer=None,
     ) -> None:
         self.config = config
+        self.clip_tokenizer = clip_tokenizer
         self.tokenizer = tokenizer
         self.seed = seed
         self.training = training
@@ -109,12 +126,15 @@ class GroundingProcessor:
 
     def for_training(self) -> GroundingProcessor:
         """The same processor in training mode (training prompts, labels)."""
-        return GroundingProcessor(self.config, self.tokenizer, seed=self.seed, training=True)
+        return GroundingProcessor(
+            self.config, self.tokenizer, seed=self.seed, training=True, clip_tokenizer=self.clip_tokenizer
+        )
 
     def __call__(self, sample: ReferringSample, epoch: int = 0) -> dict:
         prompt = self.build_prompt(sample, epoch)
         sam_pixels, resized = sam_preprocess(sample.image, self.config.sam.image_size)
         input_ids = tokenize_prompt(self.tokenizer, prompt.text)
+        ignore, is_sentence = getattr(sample, "ignore_masks", None), getattr(sample, "is_sentence", None)
         item = {
             "clip_pixel_values": clip_preprocess(sample.image, self.config.vision.image_size),
             "sam_pixel_values": sam_pixels,
@@ -127,6 +147,14 @@ class GroundingProcessor:
             "sample_id": sample.index,
             "image_id": sample.image_id,
             "sentence_ids": list(sample.sentence_ids),
+            "ignore_masks": None if ignore is None else torch.from_numpy(ignore),
+            "is_sentence": None if is_sentence is None else [bool(flag) for flag in is_sentence],
+            "query_llm_tokens": query_lengths(self.tokenizer, prompt.expressions, special_tokens=False),
+            "query_clip_tokens": (
+                query_lengths(self.clip_tokenizer, prompt.expressions, special_tokens=True)
+                if self.clip_tokenizer is not None
+                else [-1] * prompt.num_masks
+            ),
         }
         if self.with_labels:
             item["labels"] = torch.tensor(prompt_labels(self.tokenizer, prompt, input_ids), dtype=torch.long)
@@ -139,6 +167,14 @@ class GroundingProcessor:
                 f"sample {sample.index} (image {sample.image_id}) holds {len(sample.sentences)} sentences, "
                 "but LISA prompts hold one: use data.protocol per-sentence with a LISA model"
             )
+        is_sentence = getattr(sample, "is_sentence", None)
+        if is_sentence is not None and not self.training:  # ReasonSeg: LISA's form, whatever the model
+            if len(sample.sentences) != 1:
+                raise DataError(
+                    f"sample {sample.index} (image {sample.image_id}) holds {len(sample.sentences)} queries; "
+                    "ReasonSeg prompts hold one (protocol lisa-reasonseg or per-sentence)"
+                )
+            return build_reasonseg_prompt(sample.sentences[0], is_sentence[0])
         if not self.training:
             if lisa:
                 return build_lisa_prompt(sample.sentences[0])
@@ -187,6 +223,10 @@ class GroundingProcessor:
             sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.long),
             image_ids=[item["image_id"] for item in items],
             sentence_ids=[item["sentence_ids"] for item in items],
+            ignore_masks=[item.get("ignore_masks") for item in items],
+            is_sentence=[item.get("is_sentence") for item in items],
+            query_llm_tokens=[item.get("query_llm_tokens", []) for item in items],
+            query_clip_tokens=[item.get("query_clip_tokens", []) for item in items],
             skipped=skipped,
             labels=labels,
         )

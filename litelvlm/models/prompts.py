@@ -67,6 +67,10 @@ SEG_ANSWERS: tuple[str, ...] = (
 GLAMM_IMAGE_SENTENCE = "The <image> provides an overview of the picture.\n"
 LISA_QUESTION = "What is {sent} in this image? Please output segmentation mask."
 LISA_ANSWER = "[SEG]."
+# LISA's ReasonSeg validation (utils/dataset.py ValDataset, lines 393-409): a long query (is_sentence)
+# is asked as it stands, a short one inside the RefCOCO question; the query is stripped, not lowercased.
+REASONSEG_LONG_QUESTION = "{sent} Please output segmentation mask."
+REASONSEG_SHORT_QUESTION = LISA_QUESTION
 # LISA's SHORT_QUESTION_LIST (training), in the reference's order, without its "<image>\n" prefix;
 # LISA's training ANSWER_LIST is GLaMM's SEG_ANSWERS, same order.
 LISA_TRAINING_QUESTIONS: tuple[str, ...] = (
@@ -186,6 +190,20 @@ def build_lisa_prompt(sentence: str, use_im_start_end: bool = True) -> Grounding
     """
     expression = normalise_expression(sentence)
     question = LISA_QUESTION.format(sent=expression)
+    text, spans = render_llava_v1_with_spans([(image_text(use_im_start_end) + "\n " + question, LISA_ANSWER)])
+    return GroundingPrompt(text=text, questions=[question], expressions=[expression], num_masks=1, answer_spans=spans)
+
+
+def build_reasonseg_prompt(query: str, is_sentence: bool, use_im_start_end: bool = True) -> GroundingPrompt:
+    """LISA's ReasonSeg evaluation prompt: one round, "<image>\n " + the question of the query's kind, "[SEG].".
+
+    The expression (CLIP's text and the records' query) is the stripped query, case kept.
+    """
+    expression = query.strip()
+    if not expression:
+        raise PromptError(f"empty ReasonSeg query: {query!r}")
+    template = REASONSEG_LONG_QUESTION if is_sentence else REASONSEG_SHORT_QUESTION
+    question = template.format(sent=expression)
     text, spans = render_llava_v1_with_spans([(image_text(use_im_start_end) + "\n " + question, LISA_ANSWER)])
     return GroundingPrompt(text=text, questions=[question], expressions=[expression], num_masks=1, answer_spans=spans)
 

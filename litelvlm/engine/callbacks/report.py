@@ -20,7 +20,8 @@ ENCODERS_ONLY_NOTE = (
 
 def format_results_table(rows: list[dict]) -> str:
     """One line per result row: a split column when rows differ in split, the configuration's name
-    when they differ in configuration (a sweep), a skipped column when any skipped."""
+    when they differ in configuration (a sweep), a skipped column when any skipped; a row with
+    results per query kind (ReasonSeg) is followed by one line per kind."""
     show_split = len({row.get("split") for row in rows}) > 1
     show_configuration = len({row.get("configuration") for row in rows}) > 1
     show_skipped = any(row.get("skipped") for row in rows)
@@ -37,6 +38,11 @@ def format_results_table(rows: list[dict]) -> str:
         line += f"{budget:>8}{100 * row['ciou']:>10.2f}{100 * row['giou']:>10.2f}{row['num_samples']:>10d}"
         line += f"{len(row.get('skipped') or []):>10d}" if show_skipped else ""
         lines.append(line)
+        for kind, values in (row.get("by_query_kind") or {}).items():
+            line = " " * 18 if show_split else ""
+            line += f"  {kind} queries".ljust(name_width) + " " * 8
+            line += f"{100 * values['ciou']:>10.2f}{100 * values['giou']:>10.2f}{values['num_samples']:>10d}"
+            lines.append(line)
     return "\n".join(lines)
 
 
