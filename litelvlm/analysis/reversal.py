@@ -290,9 +290,10 @@ class SimilarityReversalStudy(L.Callback):
         return frozenset(needs - {Signal.TEXT_EMBEDS})
 
     @property
-    def required_text(self) -> frozenset[tuple[str, str]]:
-        """The sentence embeddings compared with the patches: CLIP's projected [EOS] of `text_source`."""
-        return frozenset({(self.text_source, "eos")})
+    def required_text(self) -> frozenset[tuple[str, str, str]]:
+        """The sentence embeddings compared with the patches: CLIP's projected [EOS] of `text_source`,
+        truncated to CLIP's window (one embedding per sentence, as LiteLVLM's reference)."""
+        return frozenset({(self.text_source, "eos", "truncate")})
 
     def batch_signals(self, lvlm, outputs, batch: GroundingBatch) -> VisualSignals:
         """The batch's signals with the sentence embeddings: the module's (`outputs.shared`) when it
@@ -308,7 +309,7 @@ class SimilarityReversalStudy(L.Callback):
             signals.text_embeds, signals.text_mask = shared.text_embeds[key]
             return signals
         _, signals = lvlm.encode_image(batch.clip_pixel_values, self.required_signals)
-        signals.text_embeds, signals.text_mask = lvlm.encode_text(self._texts(batch), key[1])
+        signals.text_embeds, signals.text_mask = lvlm.encode_text(self._texts(batch), key[1], key[2])
         signals.sample_ids = batch.sample_ids
         return signals
 

@@ -45,7 +45,7 @@ class ReadsEncodings(Protocol):
     """
 
     required_signals: frozenset[Signal]  # vision signals, as a pruner declares them
-    required_text: frozenset[tuple[str, str]]  # CLIP text embeddings by (source, pooling)
+    required_text: frozenset[tuple[str, str, str]]  # CLIP text embeddings by (source, pooling, overflow)
 
 
 @dataclass
