@@ -28,6 +28,7 @@ from litelvlm.engine.finetuning import (
 )
 from litelvlm.engine.scores import QUERY_KINDS, ExactReferringIoU, MaskScores, query_kind_tensor, score_masks
 from litelvlm.engine.sweep import SweepGrid, collect_pruners, configuration_names
+from litelvlm.engine.text_overflow import TextOverflowCount, query_lengths, text_source
 from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.loading import load_lvlm
@@ -226,6 +227,12 @@ class ReferringSegmentationModule(L.LightningModule):
         count = len(self.split_names) * len(self.pruners)
         # One more per query kind (short, long) and (split, configuration): `by_query_kind` in results.
         self.kind_metrics = nn.ModuleList(ExactReferringIoU() for _ in range(count * len(QUERY_KINDS)))
+        # Per split and CLIP text source of the text-guided pruners: queries over CLIP's window (engine/text_overflow.py).
+        sources = sorted({source for source in map(text_source, self.pruners) if source is not None})
+        window = self.lvlm.config.text.max_length
+        self.overflow_counts = nn.ModuleDict(
+            {f"{split}:{source}": TextOverflowCount(window) for split in range(len(self.split_names)) for source in sources}
+        )
         return nn.ModuleList(ExactReferringIoU() for _ in range(count))
 
     def metric(self, split_index: int, configuration_index: int) -> ExactReferringIoU:
@@ -287,6 +294,10 @@ class ReferringSegmentationModule(L.LightningModule):
             extra_text_keys=[key for reader in readers for key in reader.required_text],
             for_grounding=bool(grounded),
         )
+        for key, count in self.overflow_counts.items():  # none in an encoders-only run (no pruner is built to run)
+            split_of_count, source = key.split(":", 1)
+            if grounded and split_of_count == str(split_index):
+                count.update(query_lengths(self.lvlm.clip_tokenizer, batch.expressions if source == "expression" else batch.questions))
         outputs, scores = {}, {}
         for index, (name, pruner) in enumerate(zip(self.configuration_names, grounded)):
             output = self.lvlm.ground(batch, shared, pruner)
@@ -348,10 +359,22 @@ class ReferringSegmentationModule(L.LightningModule):
                         "random_weights": self.random_weights,
                         "skipped": [item for item in skipped if item.get("split") == split],
                         **({"by_query_kind": by_kind} if by_kind else {}),
+                        **self._overflow(split_index, pruner),
                     }
                 )
+        for count in self.overflow_counts.values():
+            count.reset()
         self.last_results = rows[0] if len(rows) == 1 and not self.is_sweep else rows
         self._skipped = []
+
+    def _overflow(self, split_index: int, pruner: TokenPruner) -> dict:
+        """`clip_text_overflow` of a text-guided configuration's row: its split's queries over CLIP's window."""
+        source = text_source(pruner)
+        if source is None:
+            return {}
+        with warnings.catch_warnings():  # a process that saw no batch still joins the sum
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            return {"clip_text_overflow": {**self.overflow_counts[f"{split_index}:{source}"].compute(), "text_source": source}}
 
     def _by_query_kind(self, split_index: int, configuration_index: int) -> dict | None:
         """{"short": {...}, "long": {...}} with the top-level keys' meaning; None when no mask had a kind.
