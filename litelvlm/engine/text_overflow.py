@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
-from litelvlm.models.tokenizer import clip_token_ids
+from litelvlm.models.processor import query_lengths as token_counts
 from litelvlm.pruners.base import Signal, TokenPruner
 
 
@@ -49,8 +49,7 @@ def text_source(pruner: TokenPruner) -> str | None:
 
 def query_lengths(clip_tokenizer, texts: list[list[str]]) -> list[int]:
     """Every query's length in CLIP tokens, untruncated."""
-    flat = [text for sample in texts for text in sample]
-    return [len(ids) for ids in clip_token_ids(clip_tokenizer, flat)] if flat else []
+    return token_counts(clip_tokenizer, [text for sample in texts for text in sample], special_tokens=True)
 
 
 def overflow_line(rows: list[dict]) -> str | None:
