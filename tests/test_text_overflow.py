@@ -21,10 +21,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from process_helpers import run_in_session
+
 from litelvlm.cli import main
+from litelvlm.data.datamodule import ReferringDataModule
+from litelvlm.data.synthetic import generate_synthetic_reasonseg
 from litelvlm.engine.callbacks.report import EvaluationReport
 from litelvlm.engine.module import ReferringSegmentationModule
 from litelvlm.engine.text_overflow import TextOverflowCount, overflow_line, query_lengths
+from litelvlm.models.loading import load_assets
 from litelvlm.models.tokenizer import tokenize_questions
 from litelvlm.pruners import CDPruner, FasterVLM, LiteLVLM, PrunerError, SimilarityOnly
 from litelvlm.pruners.base import top_k_indices
@@ -34,6 +39,7 @@ from litelvlm.pruners.litelvlm import context_scores
 WORDS = "the small red circle left of the big blue square above a green triangle".split()
 LONG = " ".join((WORDS * 20)[:118])  # 118 words of the tiny vocabulary: 120 CLIP tokens with [SOS] and [EOS]
 WINDOW = 77
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +250,8 @@ def test_a_run_reports_the_overflowed_queries(tmp_path, long_batch, capsys):
 
 
 def test_cli_flag_selects_the_chunked_text(tmp_path, capsys):
-    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     with mock.patch.object(sys, "argv", ["litelvlm.cli"]):
-        main(["validate", "--config", demo, "--model.pruner.text_overflow", "chunk", "--trainer.limit_val_batches", "1",
+        main(["validate", "--config", DEMO, "--model.pruner.text_overflow", "chunk", "--trainer.limit_val_batches", "1",
               "--data.max_sentences", "1", "--trainer.enable_progress_bar", "false",
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
     (found,) = tmp_path.rglob("results.json")
@@ -255,3 +260,30 @@ def test_cli_flag_selects_the_chunked_text(tmp_path, capsys):
     count = results["clip_text_overflow"]
     assert (count["queries"], count["overflowed"], count["window"]) == (2, 0, 77)  # 2 images, 1 short question each
     assert "queries longer than CLIP's 77-token text window: val questions: 0 of 2" in capsys.readouterr().out
+
+
+def test_two_processes_count_every_query_once(tmp_path):
+    """DDP on a ReasonSeg folder whose first image asks the long query: the count is summed over the ranks."""
+    folder = generate_synthetic_reasonseg(tmp_path / "data", {"val": 5})
+    first = sorted((folder / "val").glob("*.json"))[0]
+    first.write_text(json.dumps({**json.loads(first.read_text()), "text": [LONG], "is_sentence": True}))
+    data = ReferringDataModule(dataset="reasonseg", data_dir=str(folder), split="val", batch_size=2)
+    data.setup()
+    questions = [question for batch in data.val_dataloader() for question in batch.questions]
+    lengths = query_lengths(load_assets("tiny-glamm").clip_tokenizer, questions)
+    assert len(lengths) == 5 and max(lengths) > WINDOW >= sorted(lengths)[-2]  # one query overflows
+    save_dir = tmp_path / "logs"
+    command = [
+        sys.executable, "-m", "litelvlm.cli", "validate", "--config", DEMO, "--data.dataset", "reasonseg",
+        "--data.data_dir", str(folder), "--data.split", "val", "--data.batch_size", "1",
+        "--model.pruner.text_overflow", "chunk", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+    ]  # fmt: skip
+    done = run_in_session(command, tmp_path, 400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (found,) = save_dir.rglob("results.json")
+    results = json.loads(found.read_text())
+    assert results["num_samples"] == 5
+    assert results["clip_text_overflow"] == {"window": 77, "queries": 5, "overflowed": 1, "longest": max(lengths),
+                                             "text_source": "question"}
