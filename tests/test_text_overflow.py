@@ -28,6 +28,7 @@ from litelvlm.data.datamodule import ReferringDataModule
 from litelvlm.data.synthetic import generate_synthetic_reasonseg
 from litelvlm.engine.callbacks.report import EvaluationReport
 from litelvlm.engine.module import ReferringSegmentationModule
+from litelvlm.engine.scores import MaskScores
 from litelvlm.engine.text_overflow import TextOverflowCount, overflow_line, query_lengths
 from litelvlm.models.loading import load_assets
 from litelvlm.models.tokenizer import tokenize_questions
@@ -247,6 +248,19 @@ def test_a_run_reports_the_overflowed_queries(tmp_path, long_batch, capsys):
     assert line in capsys.readouterr().out
     assert line.startswith("queries longer than CLIP's 77-token text window: val questions: 1 of 6 (longest 120)")
     assert "truncate: litelvlm@64[text_source=question], litelvlm@64[text_source=expression]; chunk: cdpruner@64" in line
+
+
+def test_a_resumed_split_says_its_count_covers_this_attempt_only():
+    module = ReferringSegmentationModule(pruner=LiteLVLM(num_tokens=64))
+    module.overflow_counts["0:question"].update([10, 90])
+    assert "this_attempt_only" not in module._overflow(0, module.pruner)["clip_text_overflow"]
+    one = torch.ones(1, dtype=torch.int64)
+    module.restore_scores("val", module.configuration_names[0], MaskScores(one, one, one))
+    count = module._overflow(0, module.pruner)["clip_text_overflow"]
+    assert count == {"window": 77, "queries": 2, "overflowed": 1, "longest": 90, "text_source": "question",
+                     "this_attempt_only": True}
+    row = {"split": "val", "configuration": "litelvlm@64", "text_overflow": "truncate", "clip_text_overflow": count}
+    assert "val questions: 1 of 2 (longest 90, this attempt only)" in overflow_line([row])
 
 
 def test_cli_flag_selects_the_chunked_text(tmp_path, capsys):

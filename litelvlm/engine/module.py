@@ -173,6 +173,7 @@ class ReferringSegmentationModule(L.LightningModule):
         self.metrics = self._build_metrics()
         self.last_results: dict | list[dict] | None = None
         self._skipped: list[dict] = []
+        self._restored_splits: set[str] = set()  # splits with scores of an earlier attempt (resume)
 
     @property
     def random_weights(self) -> bool:
@@ -256,6 +257,7 @@ class ReferringSegmentationModule(L.LightningModule):
     def restore_scores(self, split: str, configuration: str, scores: MaskScores) -> None:
         """Count scores an earlier attempt of this run recorded (resume). Call on one process only:
         metric states are summed over processes."""
+        self._restored_splits.add(split)
         self._update(self.split_names.index(split), self.configuration_names.index(configuration), scores)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> EvaluatedBatch | None:
@@ -364,6 +366,7 @@ class ReferringSegmentationModule(L.LightningModule):
                 )
         for count in self.overflow_counts.values():
             count.reset()
+        self._restored_splits = set()
         self.last_results = rows[0] if len(rows) == 1 and not self.is_sweep else rows
         self._skipped = []
 
@@ -374,7 +377,10 @@ class ReferringSegmentationModule(L.LightningModule):
             return {}
         with warnings.catch_warnings():  # a process that saw no batch still joins the sum
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            return {"clip_text_overflow": {**self.overflow_counts[f"{split_index}:{source}"].compute(), "text_source": source}}
+            count = {**self.overflow_counts[f"{split_index}:{source}"].compute(), "text_source": source}
+        if self.split_names[split_index] in self._restored_splits:  # the recorded samples' queries were not seen
+            count["this_attempt_only"] = True
+        return {"clip_text_overflow": count}
 
     def _by_query_kind(self, split_index: int, configuration_index: int) -> dict | None:
         """{"short": {...}, "long": {...}} with the top-level keys' meaning; None when no mask had a kind.
