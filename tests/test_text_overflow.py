@@ -250,17 +250,16 @@ def test_a_run_reports_the_overflowed_queries(tmp_path, long_batch, capsys):
     assert "truncate: litelvlm@64[text_source=question], litelvlm@64[text_source=expression]; chunk: cdpruner@64" in line
 
 
-def test_a_resumed_split_says_its_count_covers_this_attempt_only():
-    module = ReferringSegmentationModule(pruner=LiteLVLM(num_tokens=64))
-    module.overflow_counts["0:question"].update([10, 90])
-    assert "this_attempt_only" not in module._overflow(0, module.pruner)["clip_text_overflow"]
-    one = torch.ones(1, dtype=torch.int64)
-    module.restore_scores("val", module.configuration_names[0], MaskScores(one, one, one))
-    count = module._overflow(0, module.pruner)["clip_text_overflow"]
-    assert count == {"window": 77, "queries": 2, "overflowed": 1, "longest": 90, "text_source": "question",
-                     "this_attempt_only": True}
-    row = {"split": "val", "configuration": "litelvlm@64", "text_overflow": "truncate", "clip_text_overflow": count}
-    assert "val questions: 1 of 2 (longest 90, this attempt only)" in overflow_line([row])
+def test_a_resume_adds_the_recorded_queries_once():
+    """Scores read back from records carry each mask's CLIP lengths; the first configuration's are counted."""
+    module = ReferringSegmentationModule(pruners=[LiteLVLM(num_tokens=64), CDPruner(num_tokens=64)])
+    module.overflow_counts["0:question"].update([10, 90])  # what this attempt evaluated
+    one = torch.ones(3, dtype=torch.int64)
+    recorded = {"question": torch.tensor([120, 20, -1]), "expression": torch.tensor([5, 6, 7])}
+    for name in module.configuration_names:  # the records callback restores every configuration
+        module.restore_scores("val", name, MaskScores(one, one, one, None, recorded))
+    count = module._overflow(0, module.pruners[0])["clip_text_overflow"]
+    assert count == {"window": 77, "queries": 4, "overflowed": 2, "longest": 120, "text_source": "question"}
 
 
 def test_cli_flag_selects_the_chunked_text(tmp_path, capsys):

@@ -3,8 +3,8 @@
 A text-guided pruner (LiteLVLM and its ablations, CDPruner) sends its queries through CLIP's text
 tower, whose window is 77 tokens; a longer query is truncated or cut into chunks (`text_overflow`,
 docs/pruners.md). The run counts, per split and text source, the queries it embedded and those
-over the window (lengths in CLIP tokens, [SOS] and [EOS] included), summed over processes. A
-resumed run counts only the queries it evaluated itself (`this_attempt_only` says so).
+over the window (lengths in CLIP tokens, [SOS] and [EOS] included), summed over processes; a
+resumed run adds the recorded queries' lengths (records `question_clip_tokens` / `query_clip_tokens`).
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ def overflow_line(rows: list[dict]) -> str | None:
     for row in counted:
         count = row["clip_text_overflow"]
         where = f"{row['split']} {count['text_source']}s"
-        resumed = ", this attempt only" if count.get("this_attempt_only") else ""
-        parts[where] = f"{where}: {count['overflowed']} of {count['queries']} (longest {count['longest']}{resumed})"
+        parts[where] = f"{where}: {count['overflowed']} of {count['queries']} (longest {count['longest']})"
         handling.setdefault(row.get("text_overflow", "truncate"), []).append(row["configuration"])
     window = counted[0]["clip_text_overflow"]["window"]
     how = "; ".join(f"{mode}: {', '.join(dict.fromkeys(names))}" for mode, names in handling.items())
