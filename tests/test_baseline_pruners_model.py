@@ -34,8 +34,9 @@ def test_every_budget_feeds_the_llm_what_select_returns(tiny_model, demo_batch, 
         shared = tiny_model.encode(demo_batch, pruners)
         for pruner, budget in zip(pruners, BUDGETS):
             signals = copy.copy(shared.signals_by_score_dtype[pruner.score_dtype])
-            if ("question", "eos") in shared.text_embeds:  # what `ground` adds for a pruner that reads text
-                signals.text_embeds, signals.text_mask = shared.text_embeds[("question", "eos")]
+            key = ("question", "eos", getattr(pruner, "text_overflow", "truncate"))
+            if key in shared.text_embeds:  # what `ground` adds for a pruner that reads text
+                signals.text_embeds, signals.text_mask = shared.text_embeds[key]
             expected = pruner.select(signals)
             output = tiny_model.ground(demo_batch, shared, pruner)
             assert output.kept_indices.tolist() == expected.tolist()

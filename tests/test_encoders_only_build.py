@@ -51,11 +51,11 @@ def test_tiny_encoders_only_build_holds_clip_alone_with_the_full_builds_weights(
 def test_encoders_only_encodes_as_a_full_build_and_refuses_to_ground(demo_batch):
     full, encoders = load_lvlm("tiny-glamm"), load_lvlm("tiny-glamm", encoders_only=True)
     with torch.no_grad():
-        ours = encoders.encode(demo_batch, [], extra_text_keys=[("question", "eos")], for_grounding=False)
-        theirs = full.encode(demo_batch, [], extra_text_keys=[("question", "eos")], for_grounding=False)
+        ours = encoders.encode(demo_batch, [], extra_text_keys=[("question", "eos", "truncate")], for_grounding=False)
+        theirs = full.encode(demo_batch, [], extra_text_keys=[("question", "eos", "truncate")], for_grounding=False)
         patches, _ = encoders.encode_image(demo_batch.clip_pixel_values, frozenset())
         full_patches, _ = full.encode_image(demo_batch.clip_pixel_values, frozenset())
-    assert torch.equal(ours.text_embeds[("question", "eos")][0], theirs.text_embeds[("question", "eos")][0])
+    assert torch.equal(ours.text_embeds[("question", "eos", "truncate")][0], theirs.text_embeds[("question", "eos", "truncate")][0])
     assert torch.equal(patches, full_patches)
     assert encoders.num_patches == full.num_patches == 576
     for call in (

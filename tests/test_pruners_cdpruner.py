@@ -126,7 +126,7 @@ def test_on_a_bf16_model_the_reference_pipeline(bf16_model, demo_batch):
     with torch.no_grad():
         shared = bf16_model.encode(demo_batch, [pruner], for_grounding=False)
     signals = shared.signals_by_score_dtype["model"]
-    text, mask = shared.text_embeds[("question", "eos")]
+    text, mask = shared.text_embeds[("question", "eos", "chunk")]
     signals.text_embeds, signals.text_mask = text, mask
     assert signals.projected_features.dtype == torch.bfloat16
     expected = []

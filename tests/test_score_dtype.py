@@ -55,7 +55,7 @@ def seen(bf16_model, demo_batch):
     views = {}
     for dtype, recorder in recorders.items():
         signals = copy.copy(shared.signals_by_score_dtype[dtype])
-        signals.text_embeds, signals.text_mask = shared.text_embeds[("question", "eos")]
+        signals.text_embeds, signals.text_mask = shared.text_embeds[("question", "eos", "truncate")]
         views[dtype] = signals
     return views
 

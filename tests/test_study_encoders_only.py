@@ -119,7 +119,7 @@ def test_report_says_no_masks_were_predicted_and_the_profiler_refuses(tmp_path, 
 def test_studies_declare_what_they_read_from_the_module():
     reversal = SimilarityReversalStudy(budgets=[8], rules=["vispruner", "litelvlm"], text_source="expression")
     assert isinstance(reversal, ReadsEncodings) and isinstance(TextAttentionSinkStudy(), ReadsEncodings)
-    assert reversal.required_text == {("expression", "eos")}
+    assert reversal.required_text == {("expression", "eos", "truncate")}
     assert {signal.value for signal in reversal.required_signals} == {"patch_embeds", "cls_attention", "last_qkv",
                                                                       "patch_features"}
     assert not TextAttentionSinkStudy().required_signals and not TextAttentionSinkStudy().required_text
@@ -149,7 +149,7 @@ def test_reversal_reads_the_shared_encodings_and_its_own_pass_gives_the_same(tin
         own_pass = study.batch_signals(tiny_model, None, demo_batch)
         assert calls["clip_vision"] == 2
     assert shared.sam_image_embeddings is None
-    assert shared.text_embeds[("question", "eos")][0] is from_shared.text_embeds
+    assert shared.text_embeds[("question", "eos", "truncate")][0] is from_shared.text_embeds
     for field in fields(from_shared):
         mine, theirs = getattr(from_shared, field.name), getattr(own_pass, field.name)
         if isinstance(mine, tuple) and mine and isinstance(mine[0], torch.Tensor):
@@ -164,9 +164,9 @@ def test_reversal_reads_the_shared_encodings_and_its_own_pass_gives_the_same(tin
 
 def test_encoders_only_encode_skips_the_vision_tower_when_nothing_needs_it(tiny_model, demo_batch):
     with torch.no_grad(), vision_calls(tiny_model) as calls:
-        shared = tiny_model.encode(demo_batch, [], extra_text_keys=[("expression", "mean")], for_grounding=False)
+        shared = tiny_model.encode(demo_batch, [], extra_text_keys=[("expression", "mean", "truncate")], for_grounding=False)
     assert calls["clip_vision"] == 0
     assert shared.patch_features is None and shared.sam_image_embeddings is None
-    assert list(shared.text_embeds) == [("expression", "mean")]
+    assert list(shared.text_embeds) == [("expression", "mean", "truncate")]
     assert shared.signals.num_patches == tiny_model.num_patches and torch.equal(shared.signals.sample_ids,
                                                                                 demo_batch.sample_ids)

@@ -30,11 +30,11 @@ def test_mean_pooling_equals_a_direct_computation(tiny_model):
 @torch.no_grad()
 def test_pruners_get_the_pooling_they_ask_for(tiny_model, demo_batch):
     shared = tiny_model.encode(demo_batch, [LiteLVLM(num_tokens=64), LiteLVLM(num_tokens=64, text_pooling="mean")])
-    assert set(shared.text_embeds) == {("question", "eos"), ("question", "mean")}
+    assert set(shared.text_embeds) == {("question", "eos", "truncate"), ("question", "mean", "truncate")}
     mean_only = SimilarityOnly(num_tokens=64, text_pooling="mean")
     expected = mean_only.select(
-        type(shared.signals)(**{**vars(shared.signals), "text_embeds": shared.text_embeds["question", "mean"][0],
-                                "text_mask": shared.text_embeds["question", "mean"][1]})
+        type(shared.signals)(**{**vars(shared.signals), "text_embeds": shared.text_embeds["question", "mean", "truncate"][0],
+                                "text_mask": shared.text_embeds["question", "mean", "truncate"][1]})
     )
     output = tiny_model.ground(demo_batch, shared, mean_only)
     assert torch.equal(output.kept_indices, expected)

@@ -92,6 +92,7 @@ class HostSelection(TokenPruner):
         self.pruner = pruner
         self.group_names = pruner.group_names
         self.text_source = getattr(pruner, "text_source", "question")
+        self.text_overflow = getattr(pruner, "text_overflow", "truncate")  # chunked text: more CLIP text rows
 
     @property
     def name(self) -> str:

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from litelvlm.analysis.bootstrap import bootstrap_mean
+from litelvlm.analysis.query_kinds import by_query_kind, query_kind
 from litelvlm.analysis.reversal import (
     StudyError,
     _pyplot,
@@ -34,6 +35,7 @@ from litelvlm.analysis.reversal import (
     unique_sorted,
 )
 from litelvlm.models.batch import GroundingBatch
+from litelvlm.models.processor import query_lengths
 
 MEASURES = ("sos", "content", "self", "entropy")
 
@@ -151,9 +153,12 @@ class TextAttentionSinkStudy(L.Callback):
         measured = measure_questions(self._tower, lvlm.clip_tokenizer, [text for _, _, text in flat],
                                      lvlm.config.text.max_length)
         split = split_name(trainer, dataloader_idx)
+        # A query over CLIP's window is measured as LiteLVLM's reference embeds it: truncated, [EOS] at 77.
+        lengths = query_lengths(lvlm.clip_tokenizer, [text for _, _, text in flat], special_tokens=True)
         for q, (b, t, text) in enumerate(flat):
             self.rows.append({
                 "split": split, "sample_id": int(batch.sample_ids[b]), "sentence": t, "text": text,
+                "query_kind": query_kind(batch, b, t), "clip_tokens": lengths[q],
                 "tokens": measured["tokens"][q], "eos_position": measured["eos_positions"][q],
                 "shares": {m: measured["shares"][m][q].tolist() for m in MEASURES},  # [layers][heads]
                 "last_layer_eos_row": measured["last_layer_eos_row"][q],
@@ -174,6 +179,9 @@ class TextAttentionSinkStudy(L.Callback):
         self._tower = None  # a fresh copy next run: the weights may have changed
         folder = study_folder(trainer)
         self.summary = summarise(rows, self.bootstrap_resamples, self.seed)
+        kinds = by_query_kind(rows, lambda subset: summarise(subset, self.bootstrap_resamples, self.seed))
+        if kinds is not None:  # ReasonSeg: the same summary for short and for long queries
+            self.summary["by_query_kind"] = kinds
         self._write(trainer, folder, self.summary)
 
     on_validation_epoch_end = _finish
@@ -239,7 +247,7 @@ def summary_lines(summary: dict) -> list[str]:
         return ["text attention sink: no questions measured"]
     by_layer = summary["sos_largest_rate"]["head_mean"]
     share = summary["sos_share_last_layer_head_mean"]
-    return [
+    lines = [
         f"text attention sink: {summary['num_questions']} questions over {summary['num_samples']} samples",
         f"  last layer, head-averaged [EOS] row: largest weight on [SOS] for {percent(by_layer[-1])}",
         f"  last layer, head-averaged [EOS] share on [SOS]: {share['mean']:.2f} "
@@ -247,6 +255,15 @@ def summary_lines(summary: dict) -> list[str]:
         "  largest weight on [SOS] by layer (head-averaged row): "
         + ", ".join(f"{layer}: {100 * stats['mean']:.0f}%" for layer, stats in enumerate(by_layer)),
     ]
+    for kind, part in (summary.get("by_query_kind") or {}).items():
+        if not part["num_questions"]:
+            lines.append(f"  {kind} queries: none measured")
+            continue
+        kind_share = part["sos_share_last_layer_head_mean"]
+        lines.append(f"  {kind} queries ({part['num_questions']}): last layer [EOS] share on [SOS] "
+                     f"{kind_share['mean']:.2f} (95% CI {kind_share['low']:.2f}-{kind_share['high']:.2f}), "
+                     f"largest on [SOS] for {percent(part['sos_largest_rate']['head_mean'][-1])}")
+    return lines
 
 
 def plot_sos_heatmap(mean_sos: np.ndarray, path: Path) -> None:

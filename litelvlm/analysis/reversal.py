@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from litelvlm.analysis.bootstrap import bootstrap_mean
+from litelvlm.analysis.query_kinds import by_query_kind, query_kind
 from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import GroundingBatch
 from litelvlm.models.image_processing import mask_to_clip_patch_coverage
@@ -123,6 +124,7 @@ def measure_sample(
     inside_threshold: float = 0.5,
     k: int = 64,
     cosine: bool = False,
+    ignored: Tensor | None = None,
 ) -> tuple[list[dict], list[np.ndarray]]:
     """Rows (one per sentence) and standardised inside/outside similarities of ONE sample.
 
@@ -132,6 +134,8 @@ def measure_sample(
     patch covered at all; `SKIP_NO_OUTSIDE`) and no measurements; every row keeps `area` (the share
     of the crop the referent covers) and `max_coverage`, so the skipped referents can be described.
     Rules in `IMAGE_RULES` select once with all T sentences; the others with each sentence alone.
+    `ignored` [T, N]: each patch's coverage by the sentence's ignore region (ReasonSeg's 255 pixels);
+    a patch it touches is neither inside nor outside.
     Returns (rows, [z_inside, z_outside] per measured sentence).
     """
     patch_embeds = signals.require(Signal.PATCH_EMBEDS).float()
@@ -149,6 +153,8 @@ def measure_sample(
     for t in range(similarity.shape[0]):
         s, cov = similarity[t], coverage[t].to(similarity.device)
         inside, outside = cov >= inside_threshold, cov == 0
+        if ignored is not None:
+            outside &= ignored[t].to(similarity.device) == 0
         row = {"sentence": t, "num_inside": int(inside.sum()), "num_outside": int(outside.sum()),
                "num_patches": int(s.numel()), "area": float(cov.mean()), "max_coverage": float(cov.max())}
         if row["num_inside"] == 0 or row["num_outside"] == 0:
@@ -290,9 +296,10 @@ class SimilarityReversalStudy(L.Callback):
         return frozenset(needs - {Signal.TEXT_EMBEDS})
 
     @property
-    def required_text(self) -> frozenset[tuple[str, str]]:
-        """The sentence embeddings compared with the patches: CLIP's projected [EOS] of `text_source`."""
-        return frozenset({(self.text_source, "eos")})
+    def required_text(self) -> frozenset[tuple[str, str, str]]:
+        """The sentence embeddings compared with the patches: CLIP's projected [EOS] of `text_source`,
+        truncated to CLIP's window (one embedding per sentence, as LiteLVLM's reference)."""
+        return frozenset({(self.text_source, "eos", "truncate")})
 
     def batch_signals(self, lvlm, outputs, batch: GroundingBatch) -> VisualSignals:
         """The batch's signals with the sentence embeddings: the module's (`outputs.shared`) when it
@@ -308,7 +315,7 @@ class SimilarityReversalStudy(L.Callback):
             signals.text_embeds, signals.text_mask = shared.text_embeds[key]
             return signals
         _, signals = lvlm.encode_image(batch.clip_pixel_values, self.required_signals)
-        signals.text_embeds, signals.text_mask = lvlm.encode_text(self._texts(batch), key[1])
+        signals.text_embeds, signals.text_mask = lvlm.encode_text(self._texts(batch), key[1], key[2])
         signals.sample_ids = batch.sample_ids
         return signals
 
@@ -340,14 +347,18 @@ class SimilarityReversalStudy(L.Callback):
             one = sample_signals(signals, b)
             one.text_embeds, one.text_mask = one.text_embeds[:, :count], one.text_mask[:, :count]
             coverage = torch.stack([patch_coverage(m, vision.image_size, vision.patch_size) for m in batch.gt_masks[b]])
-            rows, z_values = measure_sample(one, coverage, self.selectors, self.inside_threshold, self.k, self.cosine)
+            ignore = batch.ignore_masks[b] if getattr(batch, "ignore_masks", None) else None
+            ignored = None if ignore is None else torch.stack(
+                [patch_coverage(m, vision.image_size, vision.patch_size) for m in ignore])
+            rows, z_values = measure_sample(one, coverage, self.selectors, self.inside_threshold, self.k, self.cosine,
+                                            ignored)
             sample_id = int(batch.sample_ids[b])
             image_id = batch.image_ids[b] if batch.image_ids else str(sample_id)
             for row in rows:
                 t = row["sentence"]
                 ids = batch.sentence_ids[b] if batch.sentence_ids else []
                 row.update(split=split, sample_id=sample_id, image_id=image_id, text=texts[b][t],
-                           sentence_id=ids[t] if t < len(ids) else None)
+                           sentence_id=ids[t] if t < len(ids) else None, query_kind=query_kind(batch, b, t))
             self.rows.extend(rows)
             measured = [row for row in rows if row["skipped"] is None]
             for row, z in zip(measured, z_values):
@@ -368,6 +379,11 @@ class SimilarityReversalStudy(L.Callback):
         z_values = unique_sorted(gather_objects(self.z_values), key=lambda item: item[:3])
         folder = study_folder(trainer)
         self.summary = self.summarise(rows, [item[3] for item in z_values])
+        z_of = {item[:3]: item[3] for item in z_values}  # ReasonSeg: the same summary per query kind
+        kinds = by_query_kind(rows, lambda subset: self.summarise(
+            subset, [z_of[key(row)] for row in subset if row["skipped"] is None]))
+        if kinds is not None:
+            self.summary["by_query_kind"] = kinds
         self._write(trainer, folder, self.summary, [item[3] for item in z_values])
 
     on_validation_epoch_end = _finish
@@ -455,6 +471,11 @@ def summary_lines(summary: dict) -> list[str]:
     lines.append(f"  skipped {summary['num_skipped']}: {by_reason[SKIP_SMALL]} small or thin (no patch covered "
                  f">= {threshold}), {by_reason[SKIP_CROPPED]} outside the CLIP crop, "
                  f"{by_reason[SKIP_NO_OUTSIDE]} with no outside patch")
+    for kind, part in (summary.get("by_query_kind") or {}).items():
+        kind_rates = part["aggregates"]["rates"]
+        measured_rates = (f": mean inside < outside {percent(kind_rates['mean_inside_below_outside'])}, "
+                          f"AUROC > 0.5 {percent(kind_rates['auroc_above_half'])}") if part["num_measured"] else ""
+        lines.append(f"  {kind} queries, {part['num_measured']} measured{measured_rates}")
     return lines
 
 

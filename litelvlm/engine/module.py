@@ -28,6 +28,7 @@ from litelvlm.engine.finetuning import (
 )
 from litelvlm.engine.scores import QUERY_KINDS, ExactReferringIoU, MaskScores, query_kind_tensor, score_masks
 from litelvlm.engine.sweep import SweepGrid, collect_pruners, configuration_names
+from litelvlm.engine.text_overflow import TextOverflowCount, query_lengths, text_source
 from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.loading import load_lvlm
@@ -45,7 +46,7 @@ class ReadsEncodings(Protocol):
     """
 
     required_signals: frozenset[Signal]  # vision signals, as a pruner declares them
-    required_text: frozenset[tuple[str, str]]  # CLIP text embeddings by (source, pooling)
+    required_text: frozenset[tuple[str, str, str]]  # CLIP text embeddings by (source, pooling, overflow)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class EvaluatedBatch:
     is_sentence: list[list[bool] | None] | None = None  # per sample: ReasonSeg's long-query flags
     query_llm_tokens: list[list[int]] | None = None  # per sample and mask: the query's LLM tokens
     query_clip_tokens: list[list[int]] | None = None  # per sample and mask: CLIP tokens, -1 unknown
+    question_clip_tokens: list[list[int]] | None = None  # per sample and mask: the question's, when a pruner embeds it
 
     @property
     def primary(self) -> GroundingOutput:
@@ -226,6 +228,13 @@ class ReferringSegmentationModule(L.LightningModule):
         count = len(self.split_names) * len(self.pruners)
         # One more per query kind (short, long) and (split, configuration): `by_query_kind` in results.
         self.kind_metrics = nn.ModuleList(ExactReferringIoU() for _ in range(count * len(QUERY_KINDS)))
+        # Per split and CLIP text source of the text-guided pruners: queries over CLIP's window (engine/text_overflow.py).
+        self.text_sources = sorted({source for source in map(text_source, self.pruners) if source is not None})
+        window = self.lvlm.config.text.max_length
+        self.overflow_counts = nn.ModuleDict({
+            f"{split}:{source}": TextOverflowCount(window)
+            for split in range(len(self.split_names)) for source in self.text_sources
+        })
         return nn.ModuleList(ExactReferringIoU() for _ in range(count))
 
     def metric(self, split_index: int, configuration_index: int) -> ExactReferringIoU:
@@ -249,6 +258,11 @@ class ReferringSegmentationModule(L.LightningModule):
     def restore_scores(self, split: str, configuration: str, scores: MaskScores) -> None:
         """Count scores an earlier attempt of this run recorded (resume). Call on one process only:
         metric states are summed over processes."""
+        if configuration == self.configuration_names[0]:  # each recorded query once, whatever the configurations
+            for source in self.text_sources:
+                lengths = (scores.clip_tokens or {}).get(source)
+                if lengths is not None:
+                    self.overflow_counts[f"{self.split_names.index(split)}:{source}"].update(lengths[lengths >= 0].tolist())
         self._update(self.split_names.index(split), self.configuration_names.index(configuration), scores)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> EvaluatedBatch | None:
@@ -287,6 +301,11 @@ class ReferringSegmentationModule(L.LightningModule):
             extra_text_keys=[key for reader in readers for key in reader.required_text],
             for_grounding=bool(grounded),
         )
+        text_lengths = {}  # per text source a text-guided pruner embeds: each query's CLIP tokens, per sample
+        for source in (self.text_sources if grounded else []):
+            texts = batch.expressions if source == "expression" else batch.questions
+            text_lengths[source] = [query_lengths(self.lvlm.clip_tokenizer, [sample]) for sample in texts]
+            self.overflow_counts[f"{split_index}:{source}"].update([n for sample in text_lengths[source] for n in sample])
         outputs, scores = {}, {}
         for index, (name, pruner) in enumerate(zip(self.configuration_names, grounded)):
             output = self.lvlm.ground(batch, shared, pruner)
@@ -306,6 +325,7 @@ class ReferringSegmentationModule(L.LightningModule):
             is_sentence=list(batch.is_sentence) or None,
             query_llm_tokens=list(batch.query_llm_tokens) or None,
             query_clip_tokens=list(batch.query_clip_tokens) or None,
+            question_clip_tokens=text_lengths.get("question"),
         )
 
     def _encoding_readers(self) -> list[ReadsEncodings]:
@@ -348,10 +368,22 @@ class ReferringSegmentationModule(L.LightningModule):
                         "random_weights": self.random_weights,
                         "skipped": [item for item in skipped if item.get("split") == split],
                         **({"by_query_kind": by_kind} if by_kind else {}),
+                        **self._overflow(split_index, pruner),
                     }
                 )
+        for count in self.overflow_counts.values():
+            count.reset()
         self.last_results = rows[0] if len(rows) == 1 and not self.is_sweep else rows
         self._skipped = []
+
+    def _overflow(self, split_index: int, pruner: TokenPruner) -> dict:
+        """`clip_text_overflow` of a text-guided configuration's row: its split's queries over CLIP's window."""
+        source = text_source(pruner)
+        if source is None:
+            return {}
+        with warnings.catch_warnings():  # a process that saw no batch still joins the sum
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            return {"clip_text_overflow": {**self.overflow_counts[f"{split_index}:{source}"].compute(), "text_source": source}}
 
     def _by_query_kind(self, split_index: int, configuration_index: int) -> dict | None:
         """{"short": {...}, "long": {...}} with the top-level keys' meaning; None when no mask had a kind.

@@ -50,6 +50,7 @@ SCHEMA = pa.schema(
         ("is_sentence", pa.bool_()),
         ("query_llm_tokens", pa.int64()),
         ("query_clip_tokens", pa.int64()),
+        ("question_clip_tokens", pa.int64()),  # the question's CLIP tokens when a pruner embeds it (else null)
     ]
 )
 
@@ -73,13 +74,14 @@ def has_records(run: str | Path) -> bool:
 def batch_table(evaluated) -> pa.Table:
     """The rows of one `EvaluatedBatch`: every mask under every configuration."""
     sample_ids, image_ids, sentence_ids, mask_index = [], [], [], []
-    is_sentence, llm_tokens, clip_tokens = [], [], []
+    is_sentence, llm_tokens, clip_tokens, question_tokens = [], [], [], []
     samples = len(evaluated.sample_ids)
     flags = getattr(evaluated, "is_sentence", None) or [None] * samples
     llm = getattr(evaluated, "query_llm_tokens", None) or [None] * samples
     clip = getattr(evaluated, "query_clip_tokens", None) or [None] * samples
-    for sample_id, image_id, sentences, sample_flags, sample_llm, sample_clip in zip(
-        evaluated.sample_ids, evaluated.image_ids, evaluated.sentence_ids, flags, llm, clip
+    question = getattr(evaluated, "question_clip_tokens", None) or [None] * samples
+    for sample_id, image_id, sentences, sample_flags, sample_llm, sample_clip, sample_question in zip(
+        evaluated.sample_ids, evaluated.image_ids, evaluated.sentence_ids, flags, llm, clip, question
     ):
         sample_ids += [sample_id] * len(sentences)
         image_ids += [image_id] * len(sentences)
@@ -88,6 +90,7 @@ def batch_table(evaluated) -> pa.Table:
         is_sentence += list(sample_flags) if sample_flags is not None else [None] * len(sentences)
         llm_tokens += list(sample_llm) if sample_llm is not None else [None] * len(sentences)
         clip_tokens += list(sample_clip) if sample_clip is not None else [None] * len(sentences)
+        question_tokens += list(sample_question) if sample_question is not None else [None] * len(sentences)
     columns = {name: [] for name in SCHEMA.names}
     for configuration, scores in evaluated.scores.items():
         if scores.intersection.numel() != len(sample_ids):
@@ -106,6 +109,7 @@ def batch_table(evaluated) -> pa.Table:
         columns["is_sentence"] += is_sentence
         columns["query_llm_tokens"] += llm_tokens
         columns["query_clip_tokens"] += clip_tokens
+        columns["question_clip_tokens"] += question_tokens
     return pa.table(columns, schema=SCHEMA)
 
 
@@ -184,7 +188,11 @@ def recorded_scores(table: pa.Table, split: str, configuration: str, sample_ids:
 
     flags = rows["is_sentence"].to_pylist()
     kinds = torch.tensor([-1 if flag is None else int(flag) for flag in flags], dtype=torch.int8)
-    return MaskScores(column("intersection"), column("union"), column("retained_tokens"), kinds)
+    def lengths(name: str) -> torch.Tensor:
+        return torch.tensor([-1 if value is None else value for value in rows[name].to_pylist()], dtype=torch.int64)
+
+    clip_tokens = {"question": lengths("question_clip_tokens"), "expression": lengths("query_clip_tokens")}
+    return MaskScores(column("intersection"), column("union"), column("retained_tokens"), kinds, clip_tokens)
 
 
 def metrics_from_records(run: str | Path) -> list[dict]:

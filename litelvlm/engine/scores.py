@@ -31,6 +31,9 @@ class MaskScores:
     retained_tokens: Tensor  # int64 [M] visual tokens the LLM's last layer reasoned over, per mask
     # int8 [M] the query kind of each mask: 0 short, 1 long (ReasonSeg's is_sentence), -1 none
     query_kind: Tensor | None = None
+    # per CLIP text source (`question`, `expression`): each mask's query length in CLIP tokens, -1 unknown;
+    # set on scores read back from records, so a resumed run restores its overflow count (engine/text_overflow.py)
+    clip_tokens: dict[str, Tensor] | None = None
 
 
 QUERY_KINDS = ("short", "long")  # index = the value in `MaskScores.query_kind`

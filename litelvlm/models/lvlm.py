@@ -35,7 +35,7 @@ from litelvlm.errors import LitelvlmError
 from litelvlm.models import decoder_loop, visual_reduction
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.config import LVLMConfig
-from litelvlm.models.tokenizer import tokenize_questions
+from litelvlm.models.tokenizer import TEXT_OVERFLOWS, tokenize_questions
 from litelvlm.models.vision_signals import run_vision_layers
 from litelvlm.models.visual_reduction import IMAGE_TOKEN_INDEX, text_key  # noqa: F401 (IMAGE_TOKEN_INDEX: imported from here)
 from litelvlm.pruners.base import PrunerError, Signal, TokenPruner, VisualSignals
@@ -212,20 +212,25 @@ class PixelGroundingLVLM(nn.Module):
         }
         return patch_features, views
 
-    def encode_text(self, texts: list[list[str]], pooling: str = "eos") -> tuple[Tensor, Tensor]:
+    def encode_text(self, texts: list[list[str]], pooling: str = "eos", overflow: str = "truncate") -> tuple[Tensor, Tensor]:
         """Projected CLIP text embeddings [B, T, P] (float32) and the real-slot mask [B, T].
 
-        `pooling`: `eos` (the reference: CLIP's projected [EOS] state) or `mean` (the mean of the
-        content tokens' final states, between [SOS] and [EOS], through the same final layer norm
-        and projection: the text attention-sink ablation, docs/pruners.md).
+        `pooling`: `eos` (the reference: the text tower's pooled, projected state; the [EOS] state)
+        or `mean` (the mean of the content tokens' final states, [SOS] and [EOS] left out, through
+        the same final layer norm and projection: the text attention-sink ablation, docs/pruners.md).
+        `overflow`: a text longer than CLIP's window is `truncate`d or cut into `chunk`s, each chunk
+        a slot of its own (`tokenize_questions`); a chunk without [EOS] gets the tower's own
+        pooling, as the reference feeds it (docs/pruners.md, "Queries longer than CLIP's window").
         """
         if pooling not in ("eos", "mean"):
             raise PrunerError(f"text_pooling must be 'eos' or 'mean', got {pooling!r}")
+        if overflow not in TEXT_OVERFLOWS:
+            raise PrunerError(f"text_overflow must be 'truncate' or 'chunk', got {overflow!r}")
         if self.text_tower is None or self.clip_tokenizer is None:
             raise PrunerError("this pruner needs CLIP text embeddings, but the model has no CLIP text tower")
         device = self.text_tower.device
         input_ids, attention_mask, text_mask = tokenize_questions(
-            self.clip_tokenizer, texts, max_length=self.config.text.max_length
+            self.clip_tokenizer, texts, max_length=self.config.text.max_length, overflow=overflow
         )
         b, t, length = input_ids.shape
         # On meta (FLOP counting) a padding mask has no values to read; attention costs the same without it.
@@ -237,12 +242,13 @@ class PixelGroundingLVLM(nn.Module):
         )
         if pooling == "eos":
             return out.text_embeds.float().view(b, t, -1), text_mask.to(device)
+        ids = input_ids.view(b * t, length).to(device)
         real = attention_mask.view(b * t, length).to(device).bool()
-        eos_position = real.long().sum(1) - 1
-        content = real.clone()
-        content[:, 0] = False  # [SOS]
-        content[torch.arange(b * t, device=device), eos_position] = False  # [EOS]
-        content[eos_position <= 1, 1] = True  # no content token (empty text): fall back to the token after [SOS]
+        special = (ids == self.clip_tokenizer.bos_token_id) | (ids == self.clip_tokenizer.eos_token_id)
+        content = real & ~special
+        last_real = real.long().sum(1) - 1
+        empty = ~content.any(1)  # no content token (empty text, a chunk of [EOS] alone): its last real token
+        content[empty, last_real[empty]] = True
         final_states = out.hidden_states[-1]  # the encoder's output, before the final layer norm
         weights = content.to(final_states.dtype)[..., None]
         mean_state = (final_states * weights).sum(1) / weights.sum(1).clamp(min=1)
@@ -329,16 +335,16 @@ class PixelGroundingLVLM(nn.Module):
         pruners: Sequence[TokenPruner],
         *,
         extra_signals: frozenset[Signal] = frozenset(),
-        extra_text_keys: Sequence[tuple[str, str]] = (),
+        extra_text_keys: Sequence[tuple[str, str, str]] = (),
         for_grounding: bool = True,
     ) -> SharedEncodings:
         """The pruner-independent part of the forward, computed once for any number of pruners.
 
         Only the signals some pruner declared are computed (text embeddings once per (source,
-        pooling)). `extra_signals` / `extra_text_keys` add what other readers of the encodings (the
-        studies) need, in the same passes. `for_grounding=False` (an encoders-only run, no `ground`
-        to follow) runs only the CLIP passes asked for: no SAM image encoder, and no vision tower
-        when no vision signal is asked for.
+        pooling, overflow)). `extra_signals` / `extra_text_keys` add what other readers of the
+        encodings (the studies) need, in the same passes. `for_grounding=False` (an encoders-only
+        run, no `ground` to follow) runs only the CLIP passes asked for: no SAM image encoder, and
+        no vision tower when no vision signal is asked for.
         """
         if for_grounding:
             self._require_grounding_parts("encode(for_grounding=True)")
@@ -348,7 +354,7 @@ class PixelGroundingLVLM(nn.Module):
             needs_by_score_dtype.setdefault(pruner.score_dtype, set()).update(pruner.required_signals)
         needs = frozenset().union(*needs_by_score_dtype.values())
         pruner_text_keys = [text_key(p) for p in pruners if Signal.TEXT_EMBEDS in p.required_signals]
-        text_keys = dict.fromkeys(pruner_text_keys + list(extra_text_keys))  # each once, in order
+        text_keys = dict.fromkeys(pruner_text_keys + [tuple(key) for key in extra_text_keys])  # each once, in order
         batch_size = batch.clip_pixel_values.shape[0]
         patch_features = None
         views = {
@@ -365,12 +371,12 @@ class PixelGroundingLVLM(nn.Module):
         for signals in views.values():
             signals.sample_ids = batch.sample_ids
         text_embeds = {}
-        for source, pooling in text_keys:
+        for source, pooling, overflow in text_keys:
             if source not in ("question", "expression"):
                 raise PrunerError(f"text source must be 'question' or 'expression', got {source!r}")
             texts = batch.expressions if source == "expression" else batch.questions
             with self.stage("clip_text"):
-                text_embeds[(source, pooling)] = self.encode_text(texts, pooling)
+                text_embeds[(source, pooling, overflow)] = self.encode_text(texts, pooling, overflow)
         sam_image_embeddings = None
         if for_grounding:
             with self.stage("sam_image_encoder"):
@@ -443,7 +449,8 @@ class SharedEncodings:
     # Per score dtype in use ("float32" for the studies' extra signals), the signals derived in it;
     # without text embeddings: those are per text source.
     signals_by_score_dtype: dict[str, VisualSignals]
-    text_embeds: dict[tuple[str, str], tuple[Tensor, Tensor]]  # (source, pooling) -> ([B, T, P], text_mask [B, T])
+    # (source, pooling, overflow) -> ([B, T, P], text_mask [B, T]); with `chunk`, T counts chunks
+    text_embeds: dict[tuple[str, str, str], tuple[Tensor, Tensor]]
     sam_image_embeddings: Tensor | None  # [B, C, h, w]
 
     @property

@@ -169,14 +169,39 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
+TEXT_OVERFLOWS: tuple[str, ...] = ("truncate", "chunk")
+
+
+def clip_token_ids(clip_tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Each text's CLIP token ids with [SOS] and [EOS], never truncated (`len` is its length in CLIP tokens)."""
+    return clip_tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+
+
+def fit_clip_window(ids: list[int], max_length: int, overflow: str) -> list[list[int]]:
+    """The rows one text becomes in a `max_length`-token window.
+
+    `truncate`: one row, the first `max_length - 1` tokens and the [EOS] (what the tokenizer's
+    `truncation=True` gives). `chunk`: consecutive `max_length`-token pieces, the last one shorter;
+    the first keeps [SOS], the last [EOS], and no piece gets new ones (CDPruner's rule, docs/pruners.md).
+    """
+    if overflow not in TEXT_OVERFLOWS:
+        raise TokenizerError(f"text_overflow must be 'truncate' or 'chunk', got {overflow!r}")
+    if len(ids) <= max_length:
+        return [list(ids)]
+    if overflow == "truncate":
+        return [list(ids[: max_length - 1]) + [ids[-1]]]
+    return [list(ids[start : start + max_length]) for start in range(0, len(ids), max_length)]
+
+
 def tokenize_questions(
-    clip_tokenizer: PreTrainedTokenizerBase, questions: list[list[str]], max_length: int = 77
+    clip_tokenizer: PreTrainedTokenizerBase, questions: list[list[str]], max_length: int = 77, overflow: str = "truncate"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenise each sample's questions for the CLIP text tower, padded to [B, T, L].
 
-    T is the most questions of any sample, L the longest question (at most `max_length`). Empty
-    slots hold pad ids and attend only to their first position, so the text tower stays finite;
-    `text_mask` [B, T] says which slots are real.
+    A question longer than `max_length` tokens is truncated or cut into chunks (`overflow`, see
+    `fit_clip_window`); each chunk is a slot of its own. T is the most slots of any sample, L the
+    longest row (at most `max_length`). Empty slots hold pad ids and attend only to their first
+    position, so the text tower stays finite; `text_mask` [B, T] says which slots are real.
     """
     if not questions:
         raise TokenizerError("tokenize_questions got an empty batch")
@@ -185,17 +210,18 @@ def tokenize_questions(
         raise TokenizerError("tokenize_questions got no question in any sample")
     if clip_tokenizer.pad_token_id is None:
         raise TokenizerError("the CLIP tokenizer has no pad token")
-    encoded = clip_tokenizer(flat, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    batch_size, slots, length = len(questions), max(len(sample) for sample in questions), encoded["input_ids"].shape[1]
+    token_ids = iter(clip_token_ids(clip_tokenizer, flat))
+    rows = [[row for _ in sample for row in fit_clip_window(next(token_ids), max_length, overflow)] for sample in questions]
+    batch_size, slots = len(questions), max(len(sample_rows) for sample_rows in rows)
+    length = max(len(row) for sample_rows in rows for row in sample_rows)
     input_ids = torch.full((batch_size, slots, length), clip_tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch_size, slots, length), dtype=torch.long)
     attention_mask[:, :, 0] = 1
     text_mask = torch.zeros((batch_size, slots), dtype=torch.bool)
-    row = 0
-    for sample_index, sample in enumerate(questions):
-        count = len(sample)
-        input_ids[sample_index, :count] = encoded["input_ids"][row : row + count]
-        attention_mask[sample_index, :count] = encoded["attention_mask"][row : row + count]
-        text_mask[sample_index, :count] = True
-        row += count
+    for sample_index, sample_rows in enumerate(rows):
+        for slot, row in enumerate(sample_rows):
+            input_ids[sample_index, slot, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[sample_index, slot, : len(row)] = 1
+            attention_mask[sample_index, slot, len(row) :] = 0
+            text_mask[sample_index, slot] = True
     return input_ids, attention_mask, text_mask

@@ -61,9 +61,13 @@ def derive_signals(
     return signals
 
 
-def text_key(pruner: TokenPruner) -> tuple[str, str]:
-    """Which text embeddings a pruner reads: (text source, pooling); pruners without the knobs get the reference's."""
-    return getattr(pruner, "text_source", "question"), getattr(pruner, "text_pooling", "eos")
+def text_key(pruner: TokenPruner) -> tuple[str, str, str]:
+    """Which text embeddings a pruner reads: (text source, pooling, overflow); pruners without the knobs get the reference's."""
+    return (
+        getattr(pruner, "text_source", "question"),
+        getattr(pruner, "text_pooling", "eos"),
+        getattr(pruner, "text_overflow", "truncate"),
+    )
 
 
 def signals_for(shared, pruner: TokenPruner) -> VisualSignals:

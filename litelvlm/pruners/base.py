@@ -153,6 +153,14 @@ KeptOrder = Literal["reference", "raster"]
 PositionIds = Literal["contiguous", "original"]
 ScoreDtype = Literal["model", "float32"]
 SCORE_DTYPES: tuple[str, ...] = ("model", "float32")
+TextOverflow = Literal["truncate", "chunk"]
+
+
+def check_text_overflow(value: str) -> str:
+    """`text_overflow` of a text-guided pruner: how a query longer than CLIP's window reaches it (docs/pruners.md)."""
+    if value not in ("truncate", "chunk"):
+        raise PrunerError(f"text_overflow must be 'truncate' or 'chunk', got {value!r}")
+    return value
 
 
 class TokenPruner(nn.Module):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, ScoreDtype, Signal, TokenPruner, VisualSignals
+from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, ScoreDtype, Signal, TextOverflow, TokenPruner
+from litelvlm.pruners.base import VisualSignals, check_text_overflow
 from litelvlm.pruners.registry import register_pruner
 
 
@@ -59,10 +60,14 @@ class CDPruner(TokenPruner):
     """CDPruner: greedy MAP of the DPP with kernel `diag(rel) S diag(rel)`; kept in raster order.
 
     `S` = cosine similarity of the projected image features; `rel` = `relevance` of the CLIP patch
-    embeddings to the CLIP text embeddings of EVERY question of the sample (the mean runs over all).
+    embeddings to the CLIP text embeddings of EVERY question of the sample (the mean runs over all
+    text slots: with `chunk`, over every chunk of every question).
 
     Args:
         num_tokens: R, visual tokens kept per image.
+        text_overflow: `chunk` (the reference, clip_encoder.py:81-89): a question longer than CLIP's
+            77 tokens is cut into 77-token chunks, each embedded alone, and the relevance averages
+            over the chunks; `truncate`: its first 77 tokens, [EOS] kept. Read by the model.
         kept_order, position_ids: see `TokenPruner` (the method's own order is raster).
         score_dtype: see `TokenPruner`. `model`: the projected features and their normalisation in the
             LLM's dtype and the patch embeddings in the tower's, then float32 from the cosines on (the
@@ -72,11 +77,13 @@ class CDPruner(TokenPruner):
     def __init__(
         self,
         num_tokens: int = 192,
+        text_overflow: TextOverflow = "chunk",
         kept_order: KeptOrder = "reference",
         position_ids: PositionIds = "contiguous",
         score_dtype: ScoreDtype = "model",
     ) -> None:
         super().__init__(num_tokens=num_tokens, kept_order=kept_order, position_ids=position_ids, score_dtype=score_dtype)
+        self.text_overflow = check_text_overflow(text_overflow)
 
     @property
     def required_signals(self) -> frozenset[Signal]:
@@ -100,3 +107,9 @@ class CDPruner(TokenPruner):
             kernel = rel[:, None] * similarity * rel[None, :]
             kept.append(dpp_greedy_map(kernel, budget))
         return torch.stack(kept).sort(dim=-1).values
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, text_overflow={self.text_overflow}"
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "text_overflow": self.text_overflow}

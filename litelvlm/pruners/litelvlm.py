@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from litelvlm.pruners.base import KeptOrder, PositionIds, PrunerError, ScoreDtype, Signal, TokenPruner, VisualSignals
-from litelvlm.pruners.base import top_k_indices
+from litelvlm.pruners.base import TextOverflow, check_text_overflow, top_k_indices
 from litelvlm.pruners.registry import register_pruner
 
 TextSource = Literal["question", "expression"]
@@ -75,6 +75,9 @@ class LiteLVLM(TokenPruner):
         text_pooling: `eos` (the projected [EOS] state, as the reference) or `mean` (the mean of
             the content tokens' final states through the same final norm and projection: tests
             whether the [EOS] attention sink matters). Read by the model.
+        text_overflow: a text longer than CLIP's 77-token window is `truncate`d to its first 77
+            tokens, [EOS] kept (the reference's `truncation=True`), or cut into 77-token `chunk`s,
+            each chunk a sentence of its own for the per-sentence budget `R // T`. Read by the model.
         kept_order, position_ids: see `TokenPruner`; applied by the model.
         score_dtype: see `TokenPruner`. `model`: the similarities and context scores in the towers'
             dtype, as the reference (bf16 in its evaluation).
@@ -90,6 +93,7 @@ class LiteLVLM(TokenPruner):
         num_tokens: int = 192,
         text_source: TextSource = "question",
         text_pooling: TextPooling = "eos",
+        text_overflow: TextOverflow = "truncate",
         kept_order: KeptOrder = "reference",
         position_ids: PositionIds = "contiguous",
         score_dtype: ScoreDtype = "model",
@@ -101,6 +105,7 @@ class LiteLVLM(TokenPruner):
         if text_pooling not in ("eos", "mean"):
             raise PrunerError(f"text_pooling must be 'eos' or 'mean', got {text_pooling!r}")
         self.text_pooling = text_pooling
+        self.text_overflow = check_text_overflow(text_overflow)
 
     @property
     def uses_text(self) -> bool:
@@ -168,10 +173,12 @@ class LiteLVLM(TokenPruner):
         return fill, similarity_set
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, text_source={self.text_source}, text_pooling={self.text_pooling}"
+        return (f"{super().extra_repr()}, text_source={self.text_source}, text_pooling={self.text_pooling}, "
+                f"text_overflow={self.text_overflow}")
 
     def hparams(self) -> dict:
-        return {**super().hparams(), "text_source": self.text_source, "text_pooling": self.text_pooling}
+        return {**super().hparams(), "text_source": self.text_source, "text_pooling": self.text_pooling,
+                "text_overflow": self.text_overflow}
 
 
 @register_pruner("similarity-only")

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from litelvlm.engine.text_overflow import overflow_line
+
 RANDOM_WEIGHTS_NOTE = (
     "NOTE: this model has random weights (a tiny test preset); its IoU measures nothing about "
     "pruning quality. Use a released checkpoint for meaningful numbers."
@@ -82,6 +84,8 @@ class EvaluationReport(L.Callback):
         finetuned = rows[0].get("finetuned")
         if finetuned:  # the numbers are the fine-tuned model's, not the released weights'
             print(f"weights: {rows[0]['checkpoint']} + fine-tuned tensors ({finetuned})")
+        if overflow_line(rows):  # queries longer than CLIP's text window, for the text-guided pruners
+            print(overflow_line(rows))
         if any(row.get("random_weights") for row in rows):
             print(RANDOM_WEIGHTS_NOTE)
         print(f"results written to {path}")
