@@ -14,6 +14,9 @@ import re
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from litelvlm.data.shard import parse_shard
 from litelvlm.engine.records import (
     PartWriter,
@@ -54,7 +57,7 @@ def merge_runs(out: str | Path, runs: list[str | Path]) -> list[dict]:
     write_manifest(out, merged_manifest)
     read_records(out)  # a mask in two parts is refused here (shards of one split never share one)
     metrics = {(row["split"], row["configuration"]): row for row in metrics_from_records(out)}
-    rows = _merged_rows([_results(run) for run in runs], metrics)
+    rows = _merged_rows([_results(run) for run in runs], metrics, read_records(out))
     first = json.loads((runs[0] / RESULTS_FILE).read_text())
     (out / RESULTS_FILE).write_text(json.dumps(rows if isinstance(first, list) else rows[0], indent=2) + "\n")
     write_status(out, COMPLETE, stage="merge", merged=[str(run) for run in runs])
@@ -114,9 +117,9 @@ def _results(run: Path) -> list[dict]:
     return results if isinstance(results, list) else [results]
 
 
-def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict]) -> list[dict]:
-    """The first part's rows, their numbers from the merged records, their skipped samples from every
-    part. Any other field whose value differs between the parts is a per-part number this merge does
+def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict], records: pa.Table) -> list[dict]:
+    """The first part's rows, their numbers (and `clip_text_overflow`) from the merged records, their
+    skipped samples from every part. Any other field whose value differs between the parts is a per-part number this merge does
     not recompute: it is left out (and named on stderr), never copied from one part."""
     if any(len(part) != len(parts[0]) for part in parts):
         raise MergeError("the parts' results.json list different numbers of rows; they are not parts of one evaluation")
@@ -126,7 +129,7 @@ def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict]) 
         for part in parts
         for key in set(template) | set(part[position])
         if part[position].get(key) != template.get(key)
-    } - set(METRIC_FIELDS) - {"skipped", "by_query_kind"}
+    } - set(METRIC_FIELDS) - {"skipped", "by_query_kind", "clip_text_overflow"}
     rows = []
     for position, template in enumerate(parts[0]):
         template = {key: value for key, value in template.items() if key not in dropped}
@@ -139,7 +142,30 @@ def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict]) 
         numbers = {field: metrics[key][source] for field, source in METRIC_FIELDS.items()}
         if "by_query_kind" in metrics[key]:  # ReasonSeg: per query kind, from the merged records too
             numbers["by_query_kind"] = metrics[key]["by_query_kind"]
+        if template.get("clip_text_overflow"):
+            numbers["clip_text_overflow"] = _overflow_from_records(records, key[0], template["clip_text_overflow"])
         rows.append({**template, **numbers, "skipped": sorted(skipped, key=lambda item: str(item.get("index")))})
     if dropped:
         print(f"merge_runs: left out (they differ between the parts and are not recomputed): {', '.join(sorted(dropped))}", file=sys.stderr)
     return rows
+
+
+# Which records column holds a text source's query lengths in CLIP tokens (engine/records.py).
+CLIP_TOKEN_COLUMNS = {"question": "question_clip_tokens", "expression": "query_clip_tokens"}
+
+
+def _overflow_from_records(records: pa.Table, split: str, count: dict) -> dict:
+    """A split's `clip_text_overflow` from the merged records: every recorded query once (the masks of one
+    configuration: each configuration scores the same queries), as a resumed run counts them."""
+    lengths_column = CLIP_TOKEN_COLUMNS[count["text_source"]]
+    rows = records.filter(pc.equal(records["split"], split))
+    for configuration in sorted(set(rows["configuration"].to_pylist())):
+        chosen = rows.filter(pc.equal(rows["configuration"], configuration))
+        lengths = [value for value in chosen[lengths_column].to_pylist() if value is not None and value >= 0]
+        if lengths:
+            break
+    else:
+        raise MergeError(f"split {split}: the records hold no {count['text_source']} lengths to count clip_text_overflow from")
+    window = int(count["window"])
+    return {"window": window, "queries": len(lengths), "overflowed": sum(length > window for length in lengths),
+            "longest": max(lengths), "text_source": count["text_source"]}
