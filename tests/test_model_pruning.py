@@ -257,7 +257,7 @@ def test_reference_order_is_context_tokens_then_similarity_tokens(tiny_model, de
     torch.testing.assert_close(projector_input, torch.stack([features[b, kept[b]] for b in range(2)]))
 
     # Independent check of the order: S (lowest 64 // 3 per question, union) ascending at the end,
-    # C before it by descending context score (method.md, LiteLVLM steps 1-3).
+    # C before it by descending context score (docs/pruners.md, LiteLVLM).
     similarity = torch.einsum("bnp,btp->btn", signals.patch_embeds, signals.text_embeds)
     q, k, v = (x.float() for x in signals.last_qkv)
     cosine = torch.einsum("bd,bnd->bn", F.normalize(q[:, 0], dim=-1), F.normalize(k[:, 1:], dim=-1))
