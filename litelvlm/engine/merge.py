@@ -117,10 +117,11 @@ def _results(run: Path) -> list[dict]:
     return results if isinstance(results, list) else [results]
 
 
-def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict], records: pa.Table) -> list[dict]:
-    """The first part's rows, their numbers (and `clip_text_overflow`) from the merged records, their
-    skipped samples from every part. Any other field whose value differs between the parts is a per-part number this merge does
-    not recompute: it is left out (and named on stderr), never copied from one part."""
+def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict], records: pa.Table | None = None) -> list[dict]:
+    """The first part's rows, their numbers (and, given the merged `records`, `clip_text_overflow`) from
+    the merged records, their skipped samples from every part. Any other field whose value differs
+    between the parts is a per-part number this merge does not recompute: it is left out (and named
+    on stderr), never copied from one part."""
     if any(len(part) != len(parts[0]) for part in parts):
         raise MergeError("the parts' results.json list different numbers of rows; they are not parts of one evaluation")
     dropped = {
@@ -129,7 +130,7 @@ def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict], 
         for part in parts
         for key in set(template) | set(part[position])
         if part[position].get(key) != template.get(key)
-    } - set(METRIC_FIELDS) - {"skipped", "by_query_kind", "clip_text_overflow"}
+    } - set(METRIC_FIELDS) - {"skipped", "by_query_kind"} - ({"clip_text_overflow"} if records is not None else set())
     rows = []
     for position, template in enumerate(parts[0]):
         template = {key: value for key, value in template.items() if key not in dropped}
@@ -142,7 +143,7 @@ def _merged_rows(parts: list[list[dict]], metrics: dict[tuple[str, str], dict], 
         numbers = {field: metrics[key][source] for field, source in METRIC_FIELDS.items()}
         if "by_query_kind" in metrics[key]:  # ReasonSeg: per query kind, from the merged records too
             numbers["by_query_kind"] = metrics[key]["by_query_kind"]
-        if template.get("clip_text_overflow"):
+        if template.get("clip_text_overflow") and records is not None:
             numbers["clip_text_overflow"] = _overflow_from_records(records, key[0], template["clip_text_overflow"])
         rows.append({**template, **numbers, "skipped": sorted(skipped, key=lambda item: str(item.get("index")))})
     if dropped:

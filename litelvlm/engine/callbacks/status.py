@@ -23,7 +23,7 @@ class RunStatus(L.Callback):
     Lightning's own SIGTERM handler sets `trainer.received_sigterm` and its loop raises
     `SIGTERMException` after the batch in progress, except after a loader's last batch; this callback
     raises it there too, so every process stops at its next batch end, its records written (it runs
-    after `SampleRecords`); under DDP it lets Lightning's handler run for the first SIGTERM only. Only runs with a logger have a run folder; without one nothing is written.
+    after `SampleRecords`); under DDP it notes the first SIGTERM without Lightning's in-handler broadcast (`_handle_sigterm_once`). Only runs with a logger have a run folder; without one nothing is written.
 
     Args:
         command: the CLI's arguments, for the resume command an interrupted run prints (None: not printed).
@@ -80,18 +80,26 @@ class RunStatus(L.Callback):
 
 
 def _handle_sigterm_once(trainer: L.Trainer) -> None:
-    """Let Lightning's SIGTERM handler (installed for this run, restored by Lightning after it) run
-    only for the first SIGTERM. Under DDP it broadcasts from rank 0 inside the handler, once per
-    signal; a rank that gets the signal twice (from the scheduler, and forwarded by Lightning's own
-    launcher) would wait on a second broadcast that rank 0 never sends."""
+    """Under DDP, replace Lightning's SIGTERM handler (installed for this run, restored by Lightning
+    after it) by one without its collective. Lightning's broadcasts from rank 0 INSIDE the handler,
+    once per signal; Python runs a handler only between bytecodes, so a rank busy in a long torch op
+    handles the signal late and finds rank 0 already gone ("Connection closed by peer"), and a rank
+    signalled twice (by the scheduler, and forwarded by Lightning's launcher) waits on a second
+    broadcast that rank 0 never sends. Every rank gets the signal itself (srun and scancel signal
+    every task; torchrun's agent and Lightning's launcher forward it), so each only notes it, and
+    forwards it once as Lightning does; every rank then stops at its next batch end."""
     if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
         return
-    handler = signal.getsignal(signal.SIGTERM)
-    if not callable(handler):
+    if not callable(signal.getsignal(signal.SIGTERM)):
         return
+    connector = trainer._signal_connector  # where `trainer.received_sigterm` is read from
 
-    def first_only(signum, frame) -> None:
-        if not trainer.received_sigterm:
-            handler(signum, frame)
+    def note_once(signum, frame) -> None:
+        if connector.received_sigterm:
+            return
+        launcher = trainer.strategy.launcher
+        if launcher is not None:
+            launcher.kill(signum)
+        connector.received_sigterm = True
 
-    signal.signal(signal.SIGTERM, first_only)
+    signal.signal(signal.SIGTERM, note_once)
