@@ -160,6 +160,8 @@ class ReasonSegDataset(ReferringRecordDataset):
     RefCOCO reader does, `raise` (default) stops naming the file.
     """
 
+    load_errors = (FileNotFoundError, CorruptImageError, MalformedSegmentationError)
+
     def __init__(self, root: str | Path, split: str = "val", protocol: str = "lisa-reasonseg", on_error: str = "raise"):
         if protocol not in REASONSEG_PROTOCOLS:
             raise DataError(
@@ -236,18 +238,6 @@ class ReasonSegDataset(ReferringRecordDataset):
             ignore_masks=np.repeat((labels == IGNORE)[None], count, axis=0),
             is_sentence=[bool(annotation["is_sentence"])] * count,
         )
-
-    def load(self, index: int, positions: list[int] | None = None) -> ReferringSample | None:
-        """The sample, or None for a load-time problem in skip mode (the collate drops it)."""
-        record = self.records[self.items[index][0]]
-        try:
-            return self.build_sample(index, positions)
-        except (FileNotFoundError, CorruptImageError, MalformedSegmentationError) as error:
-            message = f"sample {index} of {self.describe()}: {error}"
-            if self.on_error == "raise":
-                raise type(error)(message) from error
-            self.skipped.append(SkippedItem(record.image_id, message, "load", index=index, file=record.file_name))
-            return None
 
 
 def polygon_inside(points, height: int, width: int) -> bool:

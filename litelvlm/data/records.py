@@ -154,10 +154,28 @@ class ReferringRecordDataset(torch.utils.data.Dataset):
         positions = item_positions if positions is None else positions
         return record_to_sample(record, self.load_image(record), index, positions, self.describe())
 
+    # Sources with a skip mode set `on_error` and the load-time problems it covers (a missing or
+    # undecodable image, a segmentation pycocotools cannot read); the others catch nothing here.
+    on_error: str = "raise"
+    load_errors: tuple[type[Exception], ...] = ()
+
     def load(self, index: int, positions: list[int] | None = None) -> ReferringSample | None:
         """Item `index`, with the pooled sentences at `positions` instead of the item's own when
-        given (training redraws them every epoch). None: skipped (sources with a skip mode)."""
-        return self.build_sample(index, positions)
+        given (training redraws them every epoch). A `load_errors` problem is raised naming the
+        sample, or in skip mode recorded in `skipped` and None returned (the collate drops it)."""
+        try:
+            return self.build_sample(index, positions)
+        except self.load_errors as error:
+            message = f"sample {index} of {self.describe()}: {error}"
+            if self.on_error == "raise":
+                raise type(error)(message) from error
+            record = self.records[self.items[index][0]]
+            self.skipped.append(SkippedItem(record.image_id, message, "load", index=index, file=self.image_file(record)))
+            return None
+
+    def image_file(self, record: ReferringImageRecord) -> str:
+        """The file a skipped sample's entry names."""
+        return record.file_name
 
     def describe(self) -> str:
         """The source and split, as errors name them."""

@@ -36,7 +36,7 @@ from litelvlm.data.images import decode_rgb
 from litelvlm.data.records import ReferringRecordDataset, SkippedItem
 from litelvlm.data.refcoco_parquet import CorruptImageError
 from litelvlm.data.safe_pickle import load_refs_pickle
-from litelvlm.data.samples import ReferringImageRecord, ReferringRef, ReferringSample, Segmentation
+from litelvlm.data.samples import ReferringImageRecord, ReferringRef, Segmentation
 
 REFER_SEGM = "Refer_Segm"
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "grefcoco": "unc"}
@@ -255,6 +255,8 @@ class OriginalReferringDataset(ReferringRecordDataset):
         on_error: "raise" or "skip" (see the module docstring).
     """
 
+    load_errors = (FileNotFoundError, CorruptImageError, MalformedSegmentationError)
+
     def __init__(
         self,
         root: str | Path,
@@ -325,16 +327,5 @@ class OriginalReferringDataset(ReferringRecordDataset):
             )
         return image
 
-    def load(self, index: int, positions: list[int] | None = None) -> ReferringSample | None:
-        """The sample, or None for a load-time problem in skip mode (the collate drops it)."""
-        record = self.records[self.items[index][0]]
-        try:
-            return self.build_sample(index, positions)
-        except (FileNotFoundError, CorruptImageError, MalformedSegmentationError) as error:
-            message = f"sample {index} of {self.describe()}: {error}"
-            if self.on_error == "raise":
-                raise type(error)(message) from error
-            self.skipped.append(
-                SkippedItem(record.image_id, message, "load", index=index, file=str(self.image_path(record)))
-            )
-            return None
+    def image_file(self, record: ReferringImageRecord) -> str:
+        return str(self.image_path(record))
