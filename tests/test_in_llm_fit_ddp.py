@@ -39,6 +39,16 @@ CONFIGURATIONS = {"pdrop": "pdrop", "dart@64": "dart", "sparsevlm@64": "sparsevl
 GROUNDING_LOSS = finetuning.grounding_loss  # the loss fit computes, wrapped below to see its labels
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the in-process runs: the tiny model gains nothing from more, and two threads
+    spinning on a busy shared CPU made these runs up to ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sweep_outputs(save_dir) -> tuple[list[dict], list[dict], dict]:
     """(results.json rows, efficiency.json records, {(configuration, sample, mask): retained tokens})."""
     (results,) = save_dir.rglob("results.json")
@@ -48,7 +58,7 @@ def sweep_outputs(save_dir) -> tuple[list[dict], list[dict], dict]:
     return json.loads(results.read_text()), json.loads(efficiency.read_text())["records"], retained
 
 
-def test_two_process_ddp_sweep_of_the_in_llm_methods_matches_one_process(odd_split, expected_masks, tmp_path):  # noqa: F811
+def test_two_process_ddp_sweep_of_the_in_llm_methods_matches_one_process(odd_split, expected_masks, tmp_path, one_thread):  # noqa: F811
     """One image per batch, as for the pre-LLM baselines: each rank runs exactly the one process's batches.
     The efficiency profiler (no FLOP counting) records every batch's visual tokens per layer, on every rank."""
     sweep = ["--model.pruner", "null", "--model.pruners", PRUNERS, "--data.batch_size", "1", "--data.max_sentences", "3",
@@ -113,7 +123,7 @@ class SeenByTheLayers(L.Callback):
 
 
 @pytest.mark.parametrize("name", list(PER_LAYER))
-def test_fit_trains_with_the_in_llm_schedule_active(name, tmp_path, private_cache):
+def test_fit_trains_with_the_in_llm_schedule_active(name, tmp_path, private_cache, one_thread):
     data = ReferringDataModule(batch_size=2, max_sentences=2)
     data.setup("fit")
     module = ReferringSegmentationModule(pruner=in_llm_pruners()[name], finetuning=FIT_SETTINGS)
