@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import sam_image_cache
-from test_ddp import DEMO, assert_same_numbers, expected_masks, odd_split, run_ddp  # noqa: F401 (fixtures)
+from test_ddp import DEMO, NUM_IMAGES, assert_same_numbers, expected_masks, odd_split, run_ddp  # noqa: F401 (fixtures)
 from test_finetuning import FIT_SETTINGS, spliced_labels
 from test_finetuning_checkpoints import fit_args, run_cli, small_set, trained_tensors  # noqa: F401 (fixture)
 from test_in_llm_everywhere import in_llm_pruners
@@ -58,7 +58,9 @@ def sweep_outputs(save_dir) -> tuple[list[dict], list[dict], dict]:
     return json.loads(results.read_text()), json.loads(efficiency.read_text())["records"], retained
 
 
-def test_two_process_ddp_sweep_of_the_in_llm_methods_matches_one_process(odd_split, expected_masks, tmp_path, one_thread):  # noqa: F811
+def test_two_process_ddp_sweep_of_the_in_llm_methods_matches_one_process(
+    odd_split, expected_masks, tmp_path, one_thread  # noqa: F811
+):
     """One image per batch, as for the pre-LLM baselines: each rank runs exactly the one process's batches.
     The efficiency profiler (no FLOP counting) records every batch's visual tokens per layer, on every rank."""
     sweep = ["--model.pruner", "null", "--model.pruners", PRUNERS, "--data.batch_size", "1", "--data.max_sentences", "3",
@@ -79,10 +81,10 @@ def test_two_process_ddp_sweep_of_the_in_llm_methods_matches_one_process(odd_spl
     for one, two in zip(singles, multis):
         assert_same_numbers(two, one, expected_masks)
         assert one["visual_tokens"] == two["visual_tokens"] == PER_LAYER[CONFIGURATIONS[one["configuration"]]][-1]
-    # Per layer: both sides ran every image (5 batches) through the same schedule, on the same sequences.
+    # Per layer: both sides ran every image (one batch each) through the same schedule, on the same sequences.
     for records in (single_layers, multi_layers):
         assert sorted((r["configuration"], r["sample_ids"]) for r in records) == sorted(
-            (name, [image]) for name in CONFIGURATIONS for image in range(5)
+            (name, [image]) for name in CONFIGURATIONS for image in range(NUM_IMAGES)
         )
         for record in records:
             assert record["visual_tokens_per_layer"] == PER_LAYER[CONFIGURATIONS[record["configuration"]]], record
