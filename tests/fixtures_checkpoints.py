@@ -57,8 +57,9 @@ TINY_SAM = SAMSpec(
 )
 
 
-def tiny_config(kind: str, llm_vocab: int, clip_vocab: int) -> LVLMConfig:
-    """GLaMM: 336-px CLIP, MLP projector; LISA: 224-px CLIP, one Linear. Both a 256-px SAM."""
+def tiny_config(kind: str, llm_vocab: int, clip_vocab: int, llm_layers: int = 2) -> LVLMConfig:
+    """GLaMM: 336-px CLIP, MLP projector; LISA: 224-px CLIP, one Linear. Both a 256-px SAM. `llm_layers`:
+    32 for the released 7B models' depth (in-LLM schedules at their real layers), tiny width either way."""
     glamm = kind == "glamm"
     return LVLMConfig(
         name=f"tiny-{kind}-released",
@@ -68,7 +69,7 @@ def tiny_config(kind: str, llm_vocab: int, clip_vocab: int) -> LVLMConfig:
         ),
         text=CLIPTextSpec(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=clip_vocab),
         llm=LLMSpec(
-            hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4 if glamm else None, intermediate_size=64,
+            hidden_size=32, num_layers=llm_layers, num_heads=4, num_kv_heads=4 if glamm else None, intermediate_size=64,
             vocab_size=llm_vocab, rms_norm_eps=1e-5 if glamm else 1e-6, max_position_embeddings=4096 if glamm else 2048,
         ),
         sam=TINY_SAM,
@@ -149,8 +150,10 @@ class ReleasedFixture:
     released: dict[str, Tensor]  # every tensor written, under its released name
 
 
-def build_reference(kind: str, llm_tokenizer, clip_tokenizer, seed: int = 0) -> tuple[LVLMConfig, PixelGroundingLVLM]:
-    config = tiny_config(kind, len(llm_tokenizer), len(clip_tokenizer))
+def build_reference(
+    kind: str, llm_tokenizer, clip_tokenizer, seed: int = 0, llm_layers: int = 2
+) -> tuple[LVLMConfig, PixelGroundingLVLM]:
+    config = tiny_config(kind, len(llm_tokenizer), len(clip_tokenizer), llm_layers)
     clip_ids = (clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id)
     model = PixelGroundingLVLM(config, special_token_ids(llm_tokenizer).seg, clip_ids)
     randomise_(model, seed)
@@ -253,7 +256,8 @@ def write_clip_folder(folder: Path, model: PixelGroundingLVLM, clip_tokenizer_fo
 
 
 def write_released_checkpoint(
-    root: Path, kind: str, fmt: str = "bin", shards: int = 3, seed: int = 0, clip_checkpoint: str | None = None
+    root: Path, kind: str, fmt: str = "bin", shards: int = 3, seed: int = 0, clip_checkpoint: str | None = None,
+    llm_layers: int = 2,
 ) -> ReleasedFixture:
     """A tiny checkpoint folder in the released layout (`root/checkpoint`) and its CLIP folder (`root/clip`)."""
     root = Path(root)
@@ -263,7 +267,7 @@ def write_released_checkpoint(
     write_llm_tokenizer_folder(folder, (tiny / "llm" / "tokenizer.model").read_bytes(), added)
     llm_tokenizer = load_llm_tokenizer(folder)
     clip_tokenizer = load_clip_tokenizer(tiny / "clip")
-    config, reference = build_reference(kind, llm_tokenizer, clip_tokenizer, seed)
+    config, reference = build_reference(kind, llm_tokenizer, clip_tokenizer, seed, llm_layers)
     clip_folder = write_clip_folder(root / "clip", reference, tiny / "clip")
     released = released_tensors(kind, reference)
     write_weights(folder, released, fmt, shards)

@@ -236,3 +236,32 @@ def test_dart_budget_rules_and_errors():
         DART(layer=0)
     with pytest.raises(PrunerError, match="larger than"):
         DART(num_tokens=N + 1, exact_budget=True).retained_count(N)
+
+
+# ---------------------------------------------------------------------------- checks before any data
+@pytest.mark.parametrize(
+    ("pruner", "num_layers", "message"),
+    [
+        (build_pruner("pdrop"), 4, r"pdrop: layer K=8 \(of the layers it acts before, \[8, 16, 24\]\) must be in \[1, 3\] for this 4-layer LLM"),
+        (build_pruner("pdrop", num_tokens=40), 32, r"num_tokens=40 is too small .* smallest average budget: 52"),
+        (build_pruner("pdrop", layers=[1, 2, 3], ratio=0.1), 4, r"keeps int\(576 \* 0.1\^3\) = 0 .* stage counts \[57, 5, 0\]"),
+        (build_pruner("sparsevlm", num_tokens=64), 16, r"layer K=16 \(of the layers it acts before, \[3, 7, 16\]\) must be in \[1, 15\]"),
+        (build_pruner("dart", num_tokens=N), 32, r"4 \+ 8 \* \(576 // 8\) = 580 of 576"),
+        (build_pruner("fastv", num_tokens=N + 1), 32, "larger than the 576 visual tokens"),
+        (build_pruner("litelvlm", num_tokens=N + 1), None, "larger than the 576 visual tokens"),
+    ],
+    ids=["pdrop-layers", "pdrop-average", "pdrop-ratio", "sparsevlm-layers", "dart-retained", "fastv-budget", "encoders-only"],
+)
+def test_check_model_names_what_this_model_cannot_run(pruner, num_layers, message):
+    with pytest.raises(PrunerError, match=message):
+        pruner.check_model(N, num_layers)
+
+
+@pytest.mark.parametrize(
+    ("pruner", "num_layers"),
+    [(build_pruner("pdrop"), 32), (build_pruner("pdrop", num_tokens=52), 32), (build_pruner("pdrop", num_tokens=32), 32 * 8),
+     (build_pruner("sparsevlm", num_tokens=64), 17), (build_pruner("dart", num_tokens=568), 3), (build_pruner("fastv", layer=31), 32),
+     (build_pruner("litelvlm", num_tokens=N), None)],
+)  # fmt: skip
+def test_check_model_passes_what_the_model_can_run(pruner, num_layers):
+    pruner.check_model(N, num_layers)  # the boundary cases: the smallest LLM each schedule fits, the largest budgets

@@ -40,16 +40,14 @@ def test_config_names_a_buildable_pruner_both_splits_and_lisas_protocol(path):
 
 
 def test_grid_runs_as_is_on_a_released_format_lisa_checkpoint(tmp_path):
-    """experiments/lisa_7b_reasonseg_grid.yaml on the ReasonSeg fixture, one image per split."""
+    """experiments/lisa_7b_reasonseg_grid.yaml unchanged on the ReasonSeg fixture, one image per split;
+    the checkpoint has LISA-7B's 32 LLM layers (tiny width) so the in-LLM schedules act at their layers."""
     from fixtures_checkpoints import write_released_checkpoint
 
-    config = yaml.safe_load((ROOT / "experiments" / "lisa_7b_reasonseg_grid.yaml").read_text())
+    grid = ROOT / "experiments" / "lisa_7b_reasonseg_grid.yaml"
+    config = yaml.safe_load(grid.read_text())
     assert config["data"]["splits"] == SPLITS
-    (fastv,) = [item for item in config["model"]["sweep"]["strategies"] if isinstance(item, dict)]
-    fastv["init_args"]["layer"] = 1  # the only change: this fixture's LLM has 2 layers, K must be < 2
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump(config))
-    checkpoint = write_released_checkpoint(tmp_path / "checkpoint", "lisa", fmt="safetensors", shards=1)
+    checkpoint = write_released_checkpoint(tmp_path / "checkpoint", "lisa", fmt="safetensors", shards=1, llm_layers=32)
     folder = generate_synthetic_reasonseg(tmp_path / "data", {"val": 2, "test": 2})
     main(
         [
@@ -63,6 +61,8 @@ def test_grid_runs_as_is_on_a_released_format_lisa_checkpoint(tmp_path):
     results = json.loads(found.read_text())
     methods = [item if isinstance(item, str) else item["class_path"] for item in config["model"]["sweep"]["strategies"]]
     names = ["none"] + [f"{m}@{b}" for b in (192, 64) for m in methods]
+    shipped = {name for name in list_pruners() if class_path_of(name).startswith("litelvlm.pruners.")}
+    assert set(methods) == shipped - NOT_BENCHMARKED - {"none"}  # every method of the package, as its configs
     assert [(row["split"], row["configuration"]) for row in results] == [(s, n) for s in SPLITS for n in names]
     for row in results:  # image 0 of each split asks a short query (the fixture's pattern)
         assert row["num_samples"] == 1 and row["by_query_kind"]["short"]["num_samples"] == 1

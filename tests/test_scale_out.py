@@ -203,7 +203,7 @@ def test_three_merged_parts_equal_one_run_of_the_whole_split(whole, parts, tmp_p
     done = merge(tmp_path / "merged", parts)
     assert done.returncode == 0, done.stderr
     merged, reference = (json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "merged", whole))
-    assert len(reference) == 23  # the demo sweep: none + 11 strategies x 2 budgets
+    assert len(reference) == 28  # the demo sweep: none, pdrop + 13 strategies x 2 budgets
     assert [row["configuration"] for row in merged] == [row["configuration"] for row in reference]
     for got, want in zip(merged, reference):
         for key in NUMBERS:

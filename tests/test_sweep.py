@@ -1,8 +1,8 @@
 """One pass, many configurations: a sweep gives each configuration exactly the numbers of its own run.
 
-The sweep of configs/sweep_demo.yaml (none, random, FastV, VisPruner, LiteLVLM and its three
-ablations, FasterVLM, DivPrune, CDPruner and VisionZip at 192 and 64 tokens) runs once on two demo images; each
-of its 23 configurations then
+The sweep of configs/sweep_demo.yaml (none, PyramidDrop's explicit stages, then random, FastV,
+VisPruner, LiteLVLM and its three ablations, FasterVLM, DivPrune, CDPruner, VisionZip, DART and
+SparseVLM at 192 and 64 tokens) runs once on two demo images; each of its 28 configurations then
 runs alone through configs/demo.yaml on the same images. Metrics and per-mask records must be
 equal, not close: the encoders' outputs do not depend on which pruners share them.
 """
@@ -31,12 +31,30 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 SWEEP_DEMO = str(REPO / "configs" / "sweep_demo.yaml")
 SAME_DATA = ("--trainer.limit_val_batches", "1", "--data.batch_size", "2", "--data.max_sentences", "2")
 QUIET = ("--trainer.enable_progress_bar", "false")
-EXPECTED_NAMES = ["none"] + [
+EXPECTED_NAMES = ["none", "pdrop"] + [
     f"{strategy}@{budget}"
     for budget in (192, 64)
     for strategy in ("random", "fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity",
-                     "fastervlm", "divprune", "cdpruner", "visionzip")
+                     "fastervlm", "divprune", "cdpruner", "visionzip", "dart", "sparsevlm")
 ]
+# The demo's in-LLM schedules, fitted to its 4-layer LLM (configs/sweep_demo.yaml), for the single runs.
+SCHEDULE_ARGS = {"pdrop": ["--model.pruner.num_tokens", "null", "--model.pruner.layers", "[1, 2, 3]", "--model.pruner.ratio", "0.5"],
+                 "sparsevlm": ["--model.pruner.layers", "[0, 1, 2]"]}  # fmt: skip
+
+
+def last_layer_tokens(configuration: str) -> int:
+    """Visual tokens the demo's last LLM layer sees: 576 unpruned, the budget before the LLM and for
+    FastV, each in-LLM method's own last count (hand-checked ones in tests/test_in_llm_everywhere.py)."""
+    name, _, budget = configuration.partition("@")
+    if name == "none":
+        return 576
+    if name == "pdrop":
+        return 72  # 576 * 0.5^3
+    if name == "dart":
+        return 4 + 8 * (int(budget) // 8)
+    if name == "sparsevlm":
+        return {"192": 113, "64": 18}[budget]  # 576 -> 309 -> 204 -> 113 (the issue's counts); 576 -> 82 -> 32 -> 18
+    return int(budget)
 
 
 def run_cli(save_dir: Path, *args: str) -> tuple[dict | list, Path, str]:
@@ -66,8 +84,7 @@ def test_sweep_demo_results_are_one_object_per_configuration(sweep_run):
     assert [row["configuration"] for row in results] == EXPECTED_NAMES
     for row in results:
         assert row["num_samples"] == 4  # 2 images x 2 sentences
-        expected_tokens = 576 if row["configuration"] == "none" else row["num_tokens"]
-        assert row["visual_tokens"] == expected_tokens
+        assert row["visual_tokens"] == last_layer_tokens(row["configuration"])
         assert {"pruner", "num_tokens", "ciou", "giou", "num_samples"} <= set(row)
     fastv = next(row for row in results if row["configuration"] == "fastv@64")
     assert (fastv["pruner"], fastv["num_tokens"], fastv["layer"], fastv["mode"]) == ("fastv", 64, 2, "inplace")
@@ -98,7 +115,7 @@ def test_sweep_logs_each_configuration_under_its_own_name(sweep_run):
 def test_metrics_recomputed_from_the_records_equal_the_logged_ones_exactly(sweep_run):
     results, run_dir, _ = sweep_run
     recomputed = {row["configuration"]: row for row in metrics_from_records(run_dir)}
-    assert len(read_records(run_dir)) == len(EXPECTED_NAMES) * 4 == 23 * 4  # every mask under every configuration, once
+    assert len(read_records(run_dir)) == len(EXPECTED_NAMES) * 4 == 28 * 4  # every mask under every configuration, once
     for row in results:
         again = recomputed[row["configuration"]]
         assert (again["ciou"], again["giou"], again["num_masks"]) == (row["ciou"], row["giou"], row["num_samples"])
@@ -110,7 +127,7 @@ def test_metrics_recomputed_from_the_records_equal_the_logged_ones_exactly(sweep
 
 def _single_run_args(configuration: str) -> list[str]:
     name, _, budget = configuration.partition("@")
-    return ["--model.pruner", name] + (["--model.pruner.num_tokens", budget] if budget else [])
+    return ["--model.pruner", name] + (["--model.pruner.num_tokens", budget] if budget else []) + SCHEDULE_ARGS.get(name, [])
 
 
 def test_sweep_equals_separate_single_pruner_runs_of_the_demo(sweep_run, tmp_path):
@@ -141,6 +158,30 @@ def test_grid_strategies_take_knobs_but_not_the_budget():
         SweepGrid(strategies=["none"], budgets=[32]).expand()
     with pytest.raises(SweepError, match="at least one"):
         SweepGrid(strategies=["fastv"], budgets=[]).expand()
+
+
+def test_a_strategy_can_run_at_a_subset_of_the_grid_budgets():
+    grid = SweepGrid(strategies=["fastv", {"class_path": "pdrop", "budgets": [192, 64]}], budgets=[192, 128, 64, 32])
+    pruners = grid.expand()
+    assert configuration_names(pruners) == ["fastv@192", "pdrop@192", "fastv@128", "fastv@64", "pdrop@64", "fastv@32"]
+    assert pruners[1].layers == (2, 8, 16)  # the budgeted form
+    for budgets in ([16], [], 64, [64, "32"]):
+        with pytest.raises(SweepError, match=r"budgets must be a non-empty list of the grid's budgets \[192, 64\]"):
+            SweepGrid(strategies=[{"class_path": "pdrop", "budgets": budgets}], budgets=[192, 64]).expand()
+    with pytest.raises(SweepError, match="a sweep strategy is a pruner name"):
+        SweepGrid(strategies=[{"class_path": "pdrop", "budget": [64]}], budgets=[64]).expand()
+
+
+def test_a_configuration_the_model_cannot_run_fails_before_any_data_naming_it(tmp_path, capsys):
+    """The demo's LLM has 4 layers: PyramidDrop's budgeted stages (2/8/16) cannot run on it."""
+    with pytest.raises(SystemExit) as exit_info, mock.patch.object(sys, "argv", ["litelvlm.cli"]):
+        main(["validate", "--config", DEMO, "--model.pruner", "null", "--model.pruners", "[{class_path: none}]",
+              "--model.sweep.strategies", "[fastv, pdrop]", "--model.sweep.budgets", "[64]", *SAME_DATA,
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in stderr
+    assert "configuration pdrop@64: pdrop: layer K=8 (of the layers it acts before, [2, 8, 16]) must be in [1, 3] for this 4-layer LLM" in stderr
+    assert not list(tmp_path.rglob("results.json"))
 
 
 def test_names_show_the_knobs_that_tell_two_configurations_apart():
@@ -185,8 +226,9 @@ GRIDS = [("glamm_refseg_grid", "glamm", "bin"), ("lisa_7b_grid", "lisa", "safete
 
 @pytest.mark.parametrize(("name", "kind", "fmt"), GRIDS, ids=[grid[0] for grid in GRIDS])
 def test_experiment_grid_runs_as_is_on_a_released_format_checkpoint(tmp_path, name, kind, fmt):
-    """experiments/<model>_grid.yaml: 41 configurations on the 8 standard splits; here on one split
-    of original-layout data with a released-format checkpoint (random weights), one batch."""
+    """experiments/<model>_grid.yaml unchanged, on the 8 standard splits; here on one split of
+    original-layout data with a released-format checkpoint (random weights, tiny width, the 7B
+    models' 32 LLM layers so that the in-LLM schedules act at their real layers), one batch."""
     from fixtures_checkpoints import write_released_checkpoint
     from test_data_original import write_original_layout
 
@@ -195,24 +237,36 @@ def test_experiment_grid_runs_as_is_on_a_released_format_checkpoint(tmp_path, na
         "refcoco/val", "refcoco/testA", "refcoco/testB", "refcoco+/val", "refcoco+/testA", "refcoco+/testB",
         "refcocog/val", "refcocog/test",
     ]  # fmt: skip
-    (fastv,) = [item for item in config["model"]["sweep"]["strategies"] if isinstance(item, dict)]
-    assert fastv == {"class_path": "fastv", "init_args": {"layer": 2, "mode": "inplace"}}
-    fastv["init_args"]["layer"] = 1  # the only change: this fixture's LLM has 2 layers, K must be < 2
-    grid = tmp_path / f"{name}.yaml"
-    grid.write_text(yaml.safe_dump(config))
-    checkpoint = write_released_checkpoint(tmp_path / "checkpoint", kind, fmt=fmt, shards=1)
+    checkpoint = write_released_checkpoint(tmp_path / "checkpoint", kind, fmt=fmt, shards=1, llm_layers=32)
     results, _, _ = run_cli(
-        tmp_path / "runs", "--config", str(grid),
+        tmp_path / "runs", "--config", str(REPO / "experiments" / f"{name}.yaml"),
         "--model.checkpoint", str(checkpoint.folder), "--model.dtype", "float32",
         "--data.data_dir", str(write_original_layout(tmp_path / "data")), "--data.splits", "[refcoco/val]",
         "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1",
     )  # fmt: skip
     budgets = (192, 128, 64, 32)
     methods = ("fastv", "vispruner", "litelvlm", "context-only", "similarity-only", "reversed-similarity",
-               "fastervlm", "divprune", "cdpruner", "visionzip")
-    assert [row["configuration"] for row in results] == ["none"] + [f"{m}@{b}" for b in budgets for m in methods]
+               "fastervlm", "divprune", "cdpruner", "visionzip", "pdrop", "sparsevlm", "dart")
+    # GLaMM (576 patches): PyramidDrop's stages at 2/8/16 average at least 52 tokens, so no pdrop@32.
+    expected = ["none"] + [
+        f"{m}@{b}" for b in budgets for m in methods if not (kind == "glamm" and m == "pdrop" and b == 32)
+    ]
+    assert [row["configuration"] for row in results] == expected
+    assert len(results) == (52 if kind == "glamm" else 53)
     assert all(row["split"] == "refcoco/val" and row["num_samples"] > 0 for row in results)
-    assert {row["visual_tokens"] for row in results if row["num_tokens"] == 32} == {32}
+    # `visual_tokens`: what the LLM's last layer reasoned over. Pre-LLM methods and FastV: the budget;
+    # the schedules at their real layers (2/8/16, 2/6/15, 2) end on their reference counts.
+    last_layer = {row["configuration"]: row["visual_tokens"] for row in results}
+    n = 576 if kind == "glamm" else 256
+    for budget in budgets:
+        for method in methods[:10]:
+            assert last_layer[f"{method}@{budget}"] == budget
+        assert last_layer[f"dart@{budget}"] == 4 + 8 * (budget // 8)
+        if f"pdrop@{budget}" in last_layer:
+            assert last_layer[f"pdrop@{budget}"] == build_pruner("pdrop", num_tokens=budget).counts(n, 32)[-1]
+    assert last_layer["none"] == n
+    if kind == "glamm":
+        assert last_layer["sparsevlm@192"] == 113  # 576 -> 309 -> 204 -> 113, as the issue states
 
 
 def test_a_sweep_over_several_splits_reports_every_split_and_configuration(tmp_path):

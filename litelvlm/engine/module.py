@@ -33,7 +33,7 @@ from litelvlm.errors import LitelvlmError
 from litelvlm.models.batch import GroundingBatch, GroundingOutput
 from litelvlm.models.loading import load_lvlm
 from litelvlm.models.lvlm import SharedEncodings
-from litelvlm.pruners.base import Signal, TokenPruner
+from litelvlm.pruners.base import PrunerError, Signal, TokenPruner
 from litelvlm.pruners.simple import NoPruning
 
 
@@ -168,12 +168,23 @@ class ReferringSegmentationModule(L.LightningModule):
         self.trained = finetuned_weights.attach(self.lvlm, finetuning, finetuned, self.base_identity)
         self.finetuning = finetuning
         self.strict_loading = finetuning is None  # a fit's checkpoints hold the trained tensors only
-        for configured_pruner in configured:  # fail now, with a clear message, on a budget out of range
-            configured_pruner.budget(self.lvlm.num_patches)
+        self._check_configurations(configured)
         self.split_names = ["val"]
         self.metrics = self._build_metrics()
         self.last_results: dict | list[dict] | None = None
         self._skipped: list[dict] = []
+
+    def _check_configurations(self, configured: list[TokenPruner]) -> None:
+        """Fail now, before any data is read, on a configuration this model cannot run: a budget out of
+        range, a schedule layer the LLM lacks, a budget too small for the method's stages."""
+        num_llm_layers = None if self.encoders_only else self.lvlm.config.llm.num_layers
+        for name, configured_pruner in zip(self.configuration_names, configured):
+            try:
+                configured_pruner.check_model(self.lvlm.num_patches, num_llm_layers)
+            except PrunerError as error:
+                if not self.is_sweep:
+                    raise
+                raise PrunerError(f"configuration {name}: {error}") from None
 
     @property
     def random_weights(self) -> bool:

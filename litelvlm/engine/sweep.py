@@ -25,7 +25,9 @@ class SweepGrid:
     """Every strategy at every budget: `strategies: [fastv, litelvlm]`, `budgets: [192, 64]`.
 
     A strategy is a pruner name (short name, class name or class path) or
-    `{class_path: name, init_args: {...}}` for knobs other than the budget. `score_dtypes:
+    `{class_path: name, init_args: {...}, budgets: [...]}` for knobs other than the budget and, with
+    `budgets`, the grid budgets it runs at (a subset: PyramidDrop's stages on a 32-layer LLM allow no
+    average below 52 tokens, so the paper grids leave out its 32). `score_dtypes:
     [model, float32]` also builds every scoring strategy once per precision (a strategy without the
     knob, such as `random`, once). Configurations come budget by budget, strategies in the order
     given (the layout of the paper's tables), each in the order of `score_dtypes`.
@@ -43,10 +45,12 @@ class SweepGrid:
             or len(set(self.score_dtypes)) != len(self.score_dtypes)
         ):
             raise SweepError(f"model.sweep.score_dtypes must list 'model' and/or 'float32' once each, got {self.score_dtypes!r}")
-        specs = [_strategy_spec(strategy) for strategy in self.strategies]
+        specs = [_strategy_spec(strategy, self.budgets) for strategy in self.strategies]
         pruners = []
         for budget in self.budgets:
-            for name, init_args in specs:
+            for name, init_args, budgets in specs:
+                if budget not in budgets:
+                    continue
                 parameters = inspect.signature(resolve_pruner_class(name)).parameters
                 if "num_tokens" not in parameters:
                     raise SweepError(f"sweep strategy '{name}' takes no budget; list it under model.pruners instead")
@@ -59,15 +63,28 @@ class SweepGrid:
         return pruners
 
 
-def _strategy_spec(strategy: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _strategy_spec(strategy: str | dict[str, Any], grid_budgets: list[int]) -> tuple[str, dict[str, Any], list[int]]:
+    """(name, init_args, the grid budgets it runs at) of one `strategies` entry."""
     if isinstance(strategy, str):
-        return strategy, {}
-    if isinstance(strategy, dict) and isinstance(strategy.get("class_path"), str) and set(strategy) <= {"class_path", "init_args"}:
+        return strategy, {}, list(grid_budgets)
+    if (
+        isinstance(strategy, dict) and isinstance(strategy.get("class_path"), str)
+        and set(strategy) <= {"class_path", "init_args", "budgets"}
+    ):  # fmt: skip
+        name = strategy["class_path"]
         init_args = dict(strategy.get("init_args") or {})
         if "num_tokens" in init_args:
-            raise SweepError(f"sweep strategy '{strategy['class_path']}' sets num_tokens; the grid's budgets set it")
-        return strategy["class_path"], init_args
-    raise SweepError(f"a sweep strategy is a pruner name or {{class_path: ..., init_args: {{...}}}}, got {strategy!r}")
+            raise SweepError(f"sweep strategy '{name}' sets num_tokens; the grid's budgets set it")
+        budgets = strategy.get("budgets", list(grid_budgets))
+        if not isinstance(budgets, list) or not budgets or any(budget not in grid_budgets for budget in budgets):
+            raise SweepError(
+                f"sweep strategy '{name}': budgets must be a non-empty list of the grid's budgets {list(grid_budgets)}, "
+                f"got {budgets!r}"
+            )
+        return name, init_args, budgets
+    raise SweepError(
+        f"a sweep strategy is a pruner name or {{class_path: ..., init_args: {{...}}, budgets: [...]}}, got {strategy!r}"
+    )
 
 
 def collect_pruners(

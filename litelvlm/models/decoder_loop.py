@@ -21,7 +21,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from litelvlm.models.batch import IGNORE_INDEX
-from litelvlm.pruners.base import LLMSelection, PrunerError, TokenPruner
+from litelvlm.pruners.base import LLMSelection, PrunerError, TokenPruner, check_schedule
 
 
 @dataclass
@@ -298,11 +298,7 @@ def run_decoder(
     """
     layers = decoder.layers
     schedule = sorted(set(pruner.prune_layers)) if pruner.acts_in_llm else []
-    for index in schedule:
-        if not isinstance(index, int) or not 1 <= index < len(layers):
-            raise PrunerError(
-                f"{pruner.name}: layer K={index} must be in [1, {len(layers) - 1}] for this LLM"
-            )
+    check_schedule(pruner, len(layers))
     state = dict(inputs)
     hidden = state.pop("embeds")
     b, n_visual = state["visual_positions"].shape

@@ -248,6 +248,14 @@ class TokenPruner(nn.Module):
             )
         return self.num_tokens
 
+    def check_model(self, num_patches: int, num_llm_layers: int | None) -> None:
+        """Fail before any data is read if this pruner cannot run on the model: its budget against the
+        N patches, its schedule against the LLM's depth (None: no LLM is built). A method with further
+        limits (PyramidDrop's smallest average budget, DART's retained count) extends it."""
+        self.budget(num_patches)
+        if num_llm_layers is not None:
+            check_schedule(self, num_llm_layers)
+
     def select(self, signals: VisualSignals) -> Tensor:
         """Pre-LLM selection: kept patch indices LongTensor[B, R], in the method's reference order."""
         raise NotImplementedError(f"{type(self).__name__} does not select before the LLM")
@@ -291,6 +299,17 @@ class TokenPruner(nn.Module):
     def hparams(self) -> dict:
         """Flat description for logs and results files."""
         return {"pruner": self.name, "num_tokens": self.num_tokens, "score_dtype": self.score_dtype}
+
+
+def check_schedule(pruner: TokenPruner, num_layers: int) -> None:
+    """Every layer an in-LLM pruner acts before exists and has a layer before it: 1 <= K < num_layers."""
+    schedule = sorted(set(pruner.prune_layers))
+    for index in schedule:
+        if not isinstance(index, int) or not 1 <= index < num_layers:
+            raise PrunerError(
+                f"{pruner.name}: layer K={index} (of the layers it acts before, {schedule}) must be in "
+                f"[1, {num_layers - 1}] for this {num_layers}-layer LLM"
+            )
 
 
 def check_kept(kept: Tensor, n: int, pruner: TokenPruner) -> None:

@@ -77,6 +77,11 @@ class DART(TokenPruner):
             )
         return count
 
+    def check_model(self, num_patches: int, num_llm_layers: int | None) -> None:
+        """Also: the reference's retained count `4 + 8 * (R // 8)` fits the N patches."""
+        super().check_model(num_patches, num_llm_layers)
+        self.retained_count(num_patches)
+
     def prune_in_llm(self, context) -> LLMSelection:
         previous = context.previous
         keys = previous.keys()  # [B, H_kv, L, d] of layer K-1

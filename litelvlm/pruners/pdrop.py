@@ -115,6 +115,19 @@ class PyramidDrop(TokenPruner):
             )
         return ratio
 
+    def check_model(self, num_patches: int, num_llm_layers: int | None) -> None:
+        """Also: every stage keeps at least one token (the budgeted form's smallest average, or a lambda
+        so small that `int(N * lambda^k)` reaches 0)."""
+        super().check_model(num_patches, num_llm_layers)
+        if num_llm_layers is None:
+            return
+        counts = self.counts(num_patches, num_llm_layers)
+        if counts[-1] < 1:
+            raise PrunerError(
+                f"pdrop: ratio={self.ratio} keeps int({num_patches} * {self.ratio}^{len(counts)}) = 0 visual tokens "
+                f"at its last stage (layer {self.layers[-1]}); stage counts {counts}"
+            )
+
     def counts(self, num_patches: int, num_layers: int) -> list[int]:
         """Visual tokens kept from each stage layer on."""
         return stage_counts(num_patches, self.resolved_ratio(num_patches, num_layers), len(self.layers))
