@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import sam_image_cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from litelvlm.pruners.dart import reference_pivot_order
 from litelvlm.pruners import DART, PrunerError, PyramidDrop, build_pruner
 from litelvlm.pruners.pdrop import average_tokens, solve_ratio, stage_counts
 
@@ -72,10 +73,11 @@ def pdrop_reference(model, embeds, image_start, layers, counts):
     return ids, decoder.norm(hidden)[0]
 
 
-def dart_reference(model, embeds, image_start, layer_k, max_num, exact=False):
-    """`get_retained_image_token` for one unpadded sample, pivots iterated in the documented order
-    (image pivots, then text pivots, each by descending key L1 norm). Keys of layer K-1 are read
-    from its own k_proj call (hooked) and rotated; states = final norm of layer K-1's output."""
+def dart_reference(model, embeds, image_start, layer_k, max_num, exact=False, order="reference"):
+    """`get_retained_image_token` for one unpadded sample: pivots iterated as the reference does,
+    `list(set(image pivot positions + text pivot positions))` (order="reference"), or image pivots
+    then text pivots, each by descending key L1 norm (order="score"). Keys of layer K-1 are read from
+    its own k_proj call (hooked) and rotated; states = final norm of layer K-1's output."""
     decoder = model.llm.model
     hidden = embeds[None]
     positions = torch.arange(hidden.shape[1])[None]
@@ -99,7 +101,8 @@ def dart_reference(model, embeds, image_start, layer_k, max_num, exact=False):
             per_pivot = math.ceil((max_num - 4) / 8) if exact else max_num // 8
             retained = list(image_pivots)
             valid = [v for v in range(N) if v not in image_pivots]
-            for pivot in [image_start + p for p in image_pivots] + text_pivots:
+            pivots = [image_start + p for p in image_pivots] + text_pivots
+            for pivot in list(set(pivots)) if order == "reference" else pivots:
                 take = min(per_pivot, max_num - len(retained)) if exact else per_pivot
                 if take <= 0:
                     break
@@ -213,17 +216,37 @@ def test_dart_at_192_runs_576_then_196_with_original_positions(deep_tiny_model, 
         assert positions[start + 196] == start + N
 
 
-@pytest.mark.parametrize("budget, exact", [(192, False), (64, False), (100, True), (3, True)])
-def test_dart_kept_indices_equal_the_reference_on_a_padded_batch(deep_tiny_model, decoder_inputs, budget, exact):
+@pytest.mark.parametrize(
+    "budget, exact, order", [(192, False, "reference"), (64, False, "reference"), (100, True, "reference"), (3, True, "reference"),
+                             (192, False, "score"), (100, True, "score")],
+)  # fmt: skip
+def test_dart_kept_indices_equal_the_reference_on_a_padded_batch(deep_tiny_model, decoder_inputs, budget, exact, order):
     inputs, lengths = decoder_inputs
-    pruner = build_pruner("dart", num_tokens=budget, exact_budget=exact)
+    pruner = build_pruner("dart", num_tokens=budget, exact_budget=exact, pivot_order=order)
 
     def reference(embeds, image_start):
-        return dart_reference(deep_tiny_model, embeds, image_start, 2, budget, exact)
+        return dart_reference(deep_tiny_model, embeds, image_start, 2, budget, exact, order)
 
     trace = compare_with_reference(deep_tiny_model, inputs, lengths, pruner, reference)
     expected = budget if exact else 4 + 8 * (budget // 8)
     assert trace["visual_counts"] == [N, N] + [expected] * 30
+
+
+def test_the_reference_pivot_order_is_cpythons_set_order_and_it_changes_the_picks(deep_tiny_model, decoder_inputs):
+    # CPython, worked by hand: the set starts with 8 slots (value & 7; a collision near the end jumps by
+    # i = 5 i + 1 + (hash >> 5)): 600@0, 37@5, 70@6, 38 -> 6 taken -> 0 taken -> 1, 650@2; the 5th
+    # entry grows it to 32 slots, re-inserted in slot order (value & 31, then the next free slots):
+    # 600@24, 38@6, 650@10, 37@5, 70@7; then 651@11, 700@28, 613 -> 5, 6, 7 taken -> 8.
+    pivots = [600, 37, 70, 38, 650, 651, 700, 613]
+    assert [pivots[i] for i in reference_pivot_order(pivots)] == [37, 38, 70, 613, 650, 651, 600, 700]
+    # Collisions go by insertion: 0 and 32 share slot 0 of 8, the later one moves on.
+    assert reference_pivot_order([0, 32]) == [0, 1] and reference_pivot_order([32, 0]) == [0, 1]
+    inputs, _ = decoder_inputs
+    _, by_set = batched(deep_tiny_model, inputs, build_pruner("dart", num_tokens=64))
+    _, by_score = batched(deep_tiny_model, inputs, build_pruner("dart", num_tokens=64, pivot_order="score"))
+    assert not torch.equal(by_set["llm_kept"], by_score["llm_kept"])  # on this model the order matters
+    with pytest.raises(PrunerError, match="pivot_order must be 'reference' or 'score'"):
+        DART(pivot_order="sorted")
 
 
 def test_dart_budget_rules_and_errors():

@@ -8,6 +8,7 @@ from `scripts/v1_5/eval/*.sh` (K = 2, 4 image + 4 text pivots). docs/pruners.md,
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,17 @@ from litelvlm.pruners.registry import register_pruner
 
 IMAGE_PIVOTS = 4
 TEXT_PIVOTS = 4
+PivotOrder = Literal["reference", "score"]
+PIVOT_ORDERS = ("reference", "score")
+
+
+def reference_pivot_order(positions: list[int]) -> list[int]:
+    """Where each pivot comes in the reference's loop: it iterates `set(image_pivots + text_pivots)`
+    (sequence positions, image pivots then text pivots, each by descending norm), and CPython iterates a
+    set of ints in a fixed order given the values and their insertion order. Returns indices into
+    `positions` in that order."""
+    where = {position: index for index, position in enumerate(positions)}
+    return [where[position] for position in set(positions)]
 
 
 @register_pruner("dart")
@@ -29,10 +41,12 @@ class DART(TokenPruner):
        at the current positions, heads concatenated.
     2. Pivots: the 4 visual tokens and the 4 real text tokens after the image with the largest
        `||Ks||_1` (ties: lower index).
-    3. `t = R // 8`. For each pivot in a FIXED order - the image pivots by descending norm, then the
-       text pivots by descending norm (the reference iterates a Python set, whose order is an
-       implementation detail) - add the `t` remaining visual tokens with the LOWEST cosine
-       similarity of `H` to the pivot's `H` (ties: lower index), and remove them from the candidates.
+    3. `t = R // 8`. For each pivot in turn, add the `t` remaining visual tokens with the LOWEST
+       cosine similarity of `H` to the pivot's `H` (ties: lower index), and remove them from the
+       candidates. The order matters (picks leave the candidates): `pivot_order: reference` (default)
+       iterates the pivots as the reference does, `list(set(image + text pivot positions))`, CPython's
+       fixed order for a set of ints; `score`: the image pivots by descending norm, then the text
+       pivots by descending norm (not the reference's; kept for runs made with it).
     4. Retained = image pivots + picks, `4 + 8t` tokens (196 / 132 / 68 at R = 192 / 128 / 64, as the
        reference: not exactly R), in sequence order; text pivots stay as text, not as picks.
     5. Every token keeps its position id (gaps where tokens left).
@@ -44,21 +58,30 @@ class DART(TokenPruner):
         num_tokens: R (`max_num_trunction` of the reference scripts).
         layer: K >= 1 (reference 2).
         exact_budget: keep exactly R (see above) instead of the reference's `4 + 8 * (R // 8)`.
+        pivot_order: `reference` (the reference's set iteration) or `score` (see step 3).
         score_dtype: `model`: norms and cosines in the LLM's dtype, as the reference; `float32`: upcast.
     """
 
     needs_previous_layer = True  # layer K-1's keys and output
 
     def __init__(
-        self, num_tokens: int = 192, layer: int = 2, exact_budget: bool = False, score_dtype: ScoreDtype = "model"
+        self,
+        num_tokens: int = 192,
+        layer: int = 2,
+        exact_budget: bool = False,
+        pivot_order: PivotOrder = "reference",
+        score_dtype: ScoreDtype = "model",
     ) -> None:
         super().__init__(num_tokens=num_tokens, kept_order="raster", position_ids="original", score_dtype=score_dtype)
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
             raise PrunerError(f"dart: layer must be an integer >= 1 (DART reads layer K-1), got {layer!r}")
         if not isinstance(exact_budget, bool):
             raise PrunerError(f"dart: exact_budget must be true or false, got {exact_budget!r}")
+        if pivot_order not in PIVOT_ORDERS:
+            raise PrunerError(f"dart: pivot_order must be 'reference' or 'score', got {pivot_order!r}")
         self.prune_layer = layer
         self.exact_budget = exact_budget
+        self.pivot_order = pivot_order
 
     @property
     def required_signals(self) -> frozenset[Signal]:
@@ -100,7 +123,10 @@ class DART(TokenPruner):
         text_norms = norms.float().masked_fill(~text, float("-inf"))
         image_pivots = top_k_indices(image_norms.float(), IMAGE_PIVOTS)  # [B, 4] visual indices, by norm
         text_pivots = top_k_indices(text_norms, TEXT_PIVOTS)  # [B, 4] sequence indices, by norm
-        pivot_positions = torch.cat([torch.gather(visual, 1, image_pivots), text_pivots], 1)  # [B, 8], fixed order
+        pivot_positions = torch.cat([torch.gather(visual, 1, image_pivots), text_pivots], 1)  # [B, 8], by score
+        if self.pivot_order == "reference" and not pivot_positions.is_meta:  # (the order changes no shape)
+            order = [reference_pivot_order(row) for row in pivot_positions.tolist()]
+            pivot_positions = torch.gather(pivot_positions, 1, torch.tensor(order, device=pivot_positions.device))
         pivot_states, visual_states = (
             torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1])) for index in (pivot_positions, visual)
         )
@@ -124,8 +150,10 @@ class DART(TokenPruner):
     def extra_repr(self) -> str:
         return (
             f"num_tokens={self.num_tokens}, layer={self.prune_layer}, exact_budget={self.exact_budget}, "
-            f"score_dtype={self.score_dtype}"
+            f"pivot_order={self.pivot_order}, score_dtype={self.score_dtype}"
         )
 
     def hparams(self) -> dict:
-        return {**super().hparams(), "layer": self.prune_layer, "exact_budget": self.exact_budget}
+        return {
+            **super().hparams(), "layer": self.prune_layer, "exact_budget": self.exact_budget, "pivot_order": self.pivot_order
+        }
