@@ -25,6 +25,15 @@ def private_cache(tmp_path_factory):
         os.environ["LITELVLM_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def shipped_pruner_registry(monkeypatch):
+    """A pruner a test registers stays in that test, so the tests that list every registered method
+    (the grids, gpu_check's table) see the package's, whatever ran before them."""
+    from litelvlm.pruners import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(private_cache):
     from litelvlm.models.loading import load_lvlm
