@@ -111,8 +111,8 @@ def test_cli_writes_markdown_csv_and_plot_across_runs(compare_tool, tmp_path, ca
     out = tmp_path / "out"
     assert compare_tool.main([str(first), str(second), "--baseline", "none", "--out", str(out), "--bootstrap", "200"]) == 0
     markdown = (out / "compare.md").read_text()
-    assert "| val | none | 576 | 4 | 41.67 [" in markdown  # 5 / 12
-    assert "| val | litelvlm@32 | 32 | 4 | 35.29 [" in markdown  # 6 / 17
+    assert "| val | none | - | 576 | 4 | 41.67 [" in markdown  # 5 / 12; no budget
+    assert "| val | litelvlm@32 | 32 | 32 | 4 | 35.29 [" in markdown  # 6 / 17; budget 32, 32 tokens
     assert "ΔcIoU vs none" in markdown and "| -6.37 [" in markdown  # 6/17 - 5/12 = -0.0637
     assert markdown.strip() in capsys.readouterr().out
     with open(out / "compare.csv") as handle:

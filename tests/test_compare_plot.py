@@ -58,3 +58,31 @@ def test_the_figure_has_a_ciou_and_a_giou_panel_per_split_with_dodged_points(com
         assert [text.get_text() for text in figure.legends[0].get_texts()] == ["none", *METHODS]
     finally:
         plt.close(figure)
+
+
+def test_an_in_llm_method_sits_at_its_budget_not_at_its_last_layer_count(compare_tool):
+    """PyramidDrop at 64 averages 64 visual tokens per layer and ends on 4: it is drawn at 64, beside
+    the methods it is matched with, and the table shows both numbers."""
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in results_table() if row["split"] == "val" and row["method"] in ("none", "method0")]
+    for budget, last in ((64, 4), (192, 100)):
+        rows.append({"split": "val", "configuration": f"pdrop@{budget}", "method": "pdrop", "num_tokens": budget,
+                     "retained_tokens": last, "ciou": 0.5, "ciou_low": 0.45, "ciou_high": 0.55, "giou": 0.5,
+                     "giou_low": 0.45, "giou_high": 0.55})  # fmt: skip
+    figure = compare_tool.draw(rows)
+    try:
+        axis = figure.axes[0]
+        lines = {container.get_label(): container.lines[0] for container in axis.containers}
+        dodge = compare_tool.dodge_factors(["method0", "pdrop"])
+        assert np.allclose(lines["pdrop"].get_xdata(), [64 * dodge["pdrop"], 192 * dodge["pdrop"]])
+        assert [tick.get_text() for tick in axis.get_xticklabels()] == ["64", "192"]
+        assert axis.get_xlabel() == "visual-token budget (points dodged per method)"
+    finally:
+        plt.close(figure)
+    for row in rows:
+        row["num_masks"] = 4
+    markdown = compare_tool.to_markdown(rows)
+    assert "| split | configuration | budget | tokens | masks |" in markdown
+    assert "| val | pdrop@64 | 64 | 4 | 4 | 50.00 [45.00, 55.00] |" in markdown
+    assert "| val | none | - | 576 | 4 |" in markdown

@@ -94,7 +94,7 @@ def test_sweep_prints_one_table_line_per_configuration(sweep_run):
     results, _, stdout = sweep_run
     assert re.search(r"^configuration\s+budget\s+cIoU\s+gIoU\s+samples\s*$", stdout, re.MULTILINE), stdout
     for row in results:
-        budget = "all" if row["num_tokens"] is None else str(row["num_tokens"])
+        budget = {"none": "all", "pdrop": "-"}.get(row["configuration"], str(row["num_tokens"]))  # pdrop: the preset, no budget
         line = rf"^{re.escape(row['configuration'])}\s+{budget}\s+{100 * row['ciou']:.2f}\s+{100 * row['giou']:.2f}\s+4\s*$"
         assert re.search(line, stdout, re.MULTILINE), (line, stdout)
 

@@ -19,8 +19,11 @@ Records with query kinds (ReasonSeg's is_sentence) add rows for `<split>/short` 
 the masks of each kind alone, with their own image resamples (`--no-query-kinds` leaves them out).
 
 Writes compare.md (the table, also printed), compare.csv (fractions, not percent) and
-ciou_vs_tokens.png (cIoU and gIoU against retained visual tokens, one line per method with its
-points dodged, a row of two panels per split) into --out (default: the first run folder).
+ciou_vs_tokens.png (cIoU and gIoU against the visual-token budget, one line per method with its
+points dodged, a row of two panels per split) into --out (default: the first run folder). The
+table's `budget` is the configuration's num_tokens (what the methods are matched on), `tokens` the
+visual tokens the LLM's last layer saw (they differ for the in-LLM methods: PyramidDrop at 64
+averages 64 per layer and ends on 4).
 """
 
 from __future__ import annotations
@@ -119,6 +122,13 @@ def paired_baselines(configurations: Sequence[str], paired_label: str) -> dict[s
     if not mapping:
         raise CompareError(f"no configuration of the other runs is also in run '{paired_label}': nothing to pair")
     return mapping
+
+
+def budget_of(row: dict) -> float:
+    """Where a configuration sits on the token axis: its budget (`num_tokens`), what the methods are
+    matched on (in-LLM methods: tokens from layer K on, or PyramidDrop's average per layer), else the
+    visual tokens its last LLM layer saw (the unpruned model: all of them)."""
+    return row["num_tokens"] if row.get("num_tokens") is not None else row["retained_tokens"]
 
 
 def method_of(configuration: str) -> str:
@@ -246,7 +256,7 @@ def to_markdown(results: list[dict], confidence: float = 0.95) -> str:
     baselines = list(dict.fromkeys(row["baseline"] for row in results if "baseline" in row))
     with_baseline, one_baseline = bool(baselines), len(baselines) == 1
     level = f"{round(100 * confidence)}%"
-    header = ["split", "configuration", "tokens", "masks", f"cIoU [{level} CI]", f"gIoU [{level} CI]"]
+    header = ["split", "configuration", "budget", "tokens", "masks", f"cIoU [{level} CI]", f"gIoU [{level} CI]"]
     if with_baseline and one_baseline:
         header += [f"ΔcIoU vs {baselines[0]}", f"ΔgIoU vs {baselines[0]}"]
     elif with_baseline:  # each configuration against its own baseline (paired runs)
@@ -256,6 +266,7 @@ def to_markdown(results: list[dict], confidence: float = 0.95) -> str:
         cells = [
             row["split"],
             row["configuration"],
+            "-" if row.get("num_tokens") is None else str(row["num_tokens"]),
             f"{row['retained_tokens']:.0f}",
             str(row["num_masks"]),
             _percent(row["ciou"], row["ciou_low"], row["ciou_high"]),
@@ -293,8 +304,10 @@ def dodge_factors(methods: Sequence[str], width: float = DODGE_WIDTH) -> dict[st
 def draw(results: list[dict]):
     """The figure: per split a row of two panels, cIoU and gIoU (with intervals) against retained tokens.
 
-    One colour and marker per method (up to 20 told apart), points dodged per method; a method run
-    unpruned only (no budget) is a dashed line with its interval as a band across the panel.
+    One colour and marker per method (up to 20 told apart) at its budgets (`budget_of`: PyramidDrop at
+    64 sits at 64, not at the 4 tokens its last layer keeps), points dodged per method; a method
+    without a budget (the unpruned model, PyramidDrop's preset) is a dashed line with its interval as
+    a band across the panel.
     """
     import matplotlib
 
@@ -308,13 +321,13 @@ def draw(results: list[dict]):
     dodge = dodge_factors([method for method in methods if method not in references])
     colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
     style = {method: (colours[index % len(colours)], "osD^v<>ph*"[index % 10]) for index, method in enumerate(methods)}
-    budgets = sorted({row["retained_tokens"] for row in results if row["method"] not in references})
+    budgets = sorted({budget_of(row) for row in results if row["method"] not in references})
     figure, axes = plt.subplots(len(splits), 2, figsize=(13, 4.2 * len(splits)), squeeze=False)
     for axes_row, split in zip(axes, splits):
         rows = [row for row in results if row["split"] == split]
         for axis, (key, label) in zip(axes_row, METRICS):
             for method in methods:
-                points = sorted((row for row in rows if row["method"] == method), key=lambda row: row["retained_tokens"])
+                points = sorted((row for row in rows if row["method"] == method), key=budget_of)
                 if not points:
                     continue
                 colour, marker = style[method]
@@ -324,7 +337,7 @@ def draw(results: list[dict]):
                     axis.axhline(y[0], linestyle="--", linewidth=1, color=colour, label=method)
                     axis.axhspan(low[0], high[0], color=colour, alpha=0.12, linewidth=0)
                     continue
-                x = [row["retained_tokens"] * dodge[method] for row in points]
+                x = [budget_of(row) * dodge[method] for row in points]
                 error = np.clip(np.stack([y - low, high - y]), 0, None)
                 axis.errorbar(x, y, yerr=error, marker=marker, markersize=4, capsize=2, linewidth=1, color=colour, label=method)
             axis.set_xscale("log", base=2)
@@ -332,7 +345,7 @@ def draw(results: list[dict]):
             axis.xaxis.set_minor_locator(NullLocator())
             axis.set_xticklabels([f"{budget:g}" for budget in budgets])
             axis.set_title(f"{split}: {label.split()[0]}")
-            axis.set_xlabel("retained visual tokens (points dodged per method)")
+            axis.set_xlabel("visual-token budget (points dodged per method)")
             axis.set_ylabel(label)
             axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()

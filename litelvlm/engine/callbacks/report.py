@@ -34,7 +34,7 @@ def format_results_table(rows: list[dict]) -> str:
     header += f"{'skipped':>10}" if show_skipped else ""
     lines = [header, "-" * len(header)]
     for row in rows:
-        budget = "all" if row["num_tokens"] is None else str(row["num_tokens"])
+        budget = str(row["num_tokens"]) if row["num_tokens"] is not None else "all" if row.get("pruner") == "none" else "-"
         line = str(row.get("split")).ljust(18) if show_split else ""
         line += str(row["configuration"] if show_configuration else row["pruner"]).ljust(name_width)
         line += f"{budget:>8}{100 * row['ciou']:>10.2f}{100 * row['giou']:>10.2f}{row['num_samples']:>10d}"
