@@ -187,6 +187,9 @@ class LitelvlmCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand in EVALUATION_STAGES:  # read by `_expand_resume_flag` before parsing; listed for --help
             parser.add_argument("--resume", type=Optional[str], default=None, help=RESUME_HELP)
+            # EvaluationReport prints the results table (configurations, budgets, the random-weights note);
+            # Lightning's own dump of every logged metric (4 rows per configuration) would bury it.
+            parser.set_defaults(verbose=False)
         return parser
 
     def after_instantiate_classes(self) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -160,7 +161,8 @@ def test_resume_in_a_config_file_is_refused_not_ignored(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------- items 9 and 10: the console
-NOISE = ("💡 Tip", "LeafSpec", "Generating train split", "sync_dist")
+# Lightning's metric dump ("Validate metric" box) repeats the results table, 4 rows per configuration.
+NOISE = ("💡 Tip", "LeafSpec", "Generating train split", "sync_dist", "Validate metric")
 
 
 def test_a_demo_run_prints_no_library_chatter(tmp_path):
@@ -174,6 +176,9 @@ def test_a_demo_run_prints_no_library_chatter(tmp_path):
     console = done.stdout + done.stderr
     assert "results written to" in console
     assert not [noise for noise in NOISE if noise in console], console
+    # The results table and the random-weights note are what the run ends on.
+    assert re.search(r"^litelvlm\s+192\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+$", done.stdout, re.MULTILINE), done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("results written to")
 
 
 def test_the_progress_bar_shows_no_version_number(tmp_path):
