@@ -78,14 +78,23 @@ def sam_image_cache(model):
         del encoder.forward
 
 
-@pytest.fixture(scope="session")
-def compare_tool():
-    """tools/compare.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("compare_tool", Path(__file__).resolve().parents[1] / "tools" / "compare.py")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, name: str):
+    """A script of tools/ or experiments/ (not packages) as a module named `name`, registered in
+    sys.modules because dataclasses resolve their module by name."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_tool"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def compare_tool():
+    """tools/compare.py as a module."""
+    return load_script(REPO / "tools" / "compare.py", "compare_tool")
 
 
 @pytest.fixture(scope="session")

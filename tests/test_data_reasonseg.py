@@ -7,6 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import load_script
 
 from litelvlm.data.masks import MalformedSegmentationError
 from litelvlm.data.reasonseg import ReasonSegDataset, mask_from_json, read_annotation
@@ -138,16 +139,12 @@ def test_prompts_follow_lisa_validation():
 
 
 def test_prepare_data_lists_each_problem_in_one_line(tmp_path, capsys):
-    import importlib.util
     import sys
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "prepare_data.py"
-    spec = importlib.util.spec_from_file_location("prepare_data_reasonseg", tool)
-    prepare_data = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = prepare_data  # dataclasses resolve their module by name
     try:
-        spec.loader.exec_module(prepare_data)
+        prepare_data = load_script(tool, "prepare_data_reasonseg")
         folder = generate_synthetic_reasonseg(tmp_path, {"val": 4})
         assert prepare_data.main([str(tmp_path), "--dataset", "reasonseg"]) == 0
         out = capsys.readouterr().out
@@ -173,7 +170,7 @@ def test_prepare_data_lists_each_problem_in_one_line(tmp_path, capsys):
         assert "extra.json: no image extra.jpg beside it" in out and "but not 'test'" in out
         assert "found ReasonSeg val: 4 images" in out  # the rest of the split was still read
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("prepare_data_reasonseg", None)
 
 
 def test_reasonseg_without_a_folder_is_a_clear_error():

@@ -3,7 +3,6 @@ KV-cache bytes, FastV's sequence per layer, the profiler callback through the CL
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import load_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from litelvlm.cli import main
@@ -206,11 +206,7 @@ def test_a_sweeps_shared_encoders_are_charged_to_every_configuration_and_the_res
 # --------------------------------------------------------------------------------------- tool
 @pytest.fixture(scope="module")
 def efficiency_table():
-    spec = importlib.util.spec_from_file_location("efficiency_table", REPO / "tools" / "efficiency_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["efficiency_table"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "tools" / "efficiency_table.py", "efficiency_table")
 
 
 def test_table_tool_reproduces_the_published_llm_flops_of_the_baseline_and_litelvlm(efficiency_table):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 H, FFN, TEXT, N = 4096, 11008, 126, 576  # LLaMA-7B width and MLP, the table's prompt, CLIP-336 patches
@@ -14,11 +13,7 @@ H, FFN, TEXT, N = 4096, 11008, 126, 576  # LLaMA-7B width and MLP, the table's p
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("efficiency_table", REPO / "tools" / "efficiency_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["efficiency_table"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "tools" / "efficiency_table.py", "efficiency_table")
 
 
 def layer_macs(length: int) -> int:

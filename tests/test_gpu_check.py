@@ -4,15 +4,14 @@ budget says (counts, not timings: nothing here depends on the machine's speed)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_script
 
 from litelvlm.engine.strategies import Strategy
 from litelvlm.pruners import list_pruners
@@ -24,11 +23,7 @@ TEXT_TOKENS = 126  # the efficiency table's prompt without the image
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "experiments" / f"{name}.py", name)
 
 
 @pytest.fixture(scope="module")

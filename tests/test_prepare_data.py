@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from litelvlm.data.refcoco_original import OriginalReferringDataset
 from litelvlm.data.refcoco_parquet import ReferringImageDataset
@@ -19,11 +19,7 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "prepare_data.py"
 
 @pytest.fixture(scope="module")
 def prepare_data():
-    spec = importlib.util.spec_from_file_location("prepare_data", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_data"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script(TOOL, "prepare_data")
     sys.modules.pop("prepare_data", None)
 
 

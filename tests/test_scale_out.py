@@ -13,7 +13,6 @@ The split has 3 images (one per part); the reference runs are in-process and sha
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import load_script
 
 from litelvlm.cli import main
 from litelvlm.data.shard import parse_shard, shard_items
@@ -81,9 +81,7 @@ def record_tuples(run_dir: Path, configurations: list[str] | None = None) -> lis
 
 def merge(out: Path, runs: list[Path]) -> subprocess.CompletedProcess:
     """tools/merge_runs.py OUT RUN_DIR..., in-process: its exit code and output."""
-    spec = importlib.util.spec_from_file_location("merge_runs_tool", REPO / "tools" / "merge_runs.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script(REPO / "tools" / "merge_runs.py", "merge_runs_tool")
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = tool.main([str(out), *map(str, runs)])
